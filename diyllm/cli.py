@@ -1,0 +1,90 @@
+"""The `diyllm` command line: a thin dispatcher over the library.
+
+Each subcommand lives in the module that owns the concept (training, data, lab, ...). A command module
+exposes ``add_arguments(parser)`` and ``run(args) -> int | None``; modules are imported lazily so that
+`diyllm --help` stays instant and a broken optional feature cannot break unrelated commands.
+A module that sets ``ACCEPTS_OVERRIDES = True`` receives the unparsed ``--key=value`` words in
+``args.overrides`` (the training commands use them for config overrides).
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib
+import sys
+
+from diyllm.errors import UserError
+
+# name -> (module, one-line help). Order is the order shown in --help.
+COMMANDS: dict[str, tuple[str, str]] = {
+    "info": ("diyllm.info", "print versions, device and thread count"),
+    "demo": ("diyllm.lab.demo", "offline end-to-end demo: prepare, train, plot, sample"),
+    "overfit": ("diyllm.training.overfit", "the minimal training loop: overfit one tiny batch"),
+    "prepare": ("diyllm.data.prepare", "tokenize a corpus into train.bin/val.bin"),
+    "inspect-data": ("diyllm.data.inspect", "look inside a prepared dataset"),
+    "train": ("diyllm.training.cli", "pretrain a model from a config file plus --key=value overrides"),
+    "sft": ("diyllm.training.sft_cli", "supervised fine-tuning on conversations (same loop as train)"),
+    "sample": ("diyllm.generation.cli", "generate text from a checkpoint"),
+    "chat": ("diyllm.generation.chat", "talk to a fine-tuned checkpoint in the terminal"),
+    "show-sft-sample": ("diyllm.data.show_sft", "render one SFT conversation with its trained tokens marked"),
+    "plot": ("diyllm.lab.plot", "plot loss curves of one or more runs to a PNG"),
+    "compare": ("diyllm.lab.compare", "table comparing runs (loss, gap, speed, size)"),
+    "sweep": ("diyllm.lab.sweep", "run a grid of configs and compare them"),
+    "lr-find": ("diyllm.lab.lr_find", "learning-rate range test"),
+    "diagnose": ("diyllm.lab.diagnose", "per-layer gradient/update statistics of a checkpoint"),
+    "primer": ("diyllm.lab.primer", "gradient descent by hand, with autograd, and with AdamW"),
+    "lab": ("diyllm.lab.experiments", "ready-made experiments (e.g. `diyllm lab pretrain-vs-sft`)"),
+    "export": ("diyllm.interop.cli_export", "export a checkpoint to the Hugging Face Llama format"),
+    "import": ("diyllm.interop.cli_import", "import a Hugging Face Llama-format folder"),
+}
+
+
+def _top_parser() -> argparse.ArgumentParser:
+    from diyllm import __version__
+
+    parser = argparse.ArgumentParser(
+        prog="diyllm",
+        description="Train language models from scratch: tokenizer -> data -> model -> pretraining -> SFT -> chat.",
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+        epilog="commands:\n" + "\n".join(f"  {n:<16} {h}" for n, (_, h) in COMMANDS.items())
+        + "\n\nRun `diyllm COMMAND --help` for a command's options.",
+    )
+    parser.add_argument("--version", action="version", version=f"diyllm {__version__}")
+    parser.add_argument("command", nargs="?", choices=list(COMMANDS), metavar="COMMAND")
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    if not argv or argv[0] not in COMMANDS:
+        top = _top_parser()
+        args = top.parse_args(argv[:1])  # --help / --version / unknown command errors
+        top.print_help()
+        return 0
+    name, rest = argv[0], argv[1:]
+    module_name, help_text = COMMANDS[name]
+    module = importlib.import_module(module_name)
+    parser = argparse.ArgumentParser(
+        prog=f"diyllm {name}",
+        description=(module.__doc__ or help_text).strip(),
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    module.add_arguments(parser)
+    if getattr(module, "ACCEPTS_OVERRIDES", False):
+        args, extra = parser.parse_known_args(rest)
+    else:
+        args, extra = parser.parse_args(rest), []
+    args.overrides = extra
+    try:
+        rc = module.run(args)
+    except KeyboardInterrupt:
+        print("interrupted", file=sys.stderr)
+        return 130
+    except UserError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+    return int(rc or 0)
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -1,0 +1,128 @@
+"""Causal multi-head self-attention, from scratch and through PyTorch's fused kernels.
+
+`attn_impl="diy"` spells out softmax(QKᵀ/√d + mask)V so a reader can follow every step;
+`attn_impl="sdpa"` calls torch.nn.functional.scaled_dot_product_attention, which picks flash /
+memory-efficient kernels on GPU. Tests prove the two agree.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from diyllm.model.config import DIYConfig
+from diyllm.model.kv_cache import KVCache
+from diyllm.model.layers import Linear
+from diyllm.model.rope import RotaryEmbedding, apply_rotary
+
+
+def softmax(x: torch.Tensor, dim: int = -1) -> torch.Tensor:
+    """exp(x - max) / sum(exp(x - max)): subtracting the max changes nothing but prevents overflow."""
+    shifted = x - x.amax(dim=dim, keepdim=True)
+    exp = torch.exp(shifted)
+    return exp / exp.sum(dim=dim, keepdim=True)
+
+
+def scaled_dot_product_attention(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    mask: torch.Tensor | None = None,
+    dropout_p: float = 0.0,
+) -> torch.Tensor:
+    """softmax(q kᵀ / √d_k) v over (..., queries, d_k) / (..., keys, d_k) / (..., keys, d_v).
+
+    `mask` is boolean, True where a query may attend to a key. Dividing by √d_k keeps the scores'
+    variance near 1 so the softmax does not saturate as d_k grows.
+    """
+    scores = (q @ k.transpose(-2, -1)) / math.sqrt(q.shape[-1])
+    if mask is not None:
+        scores = scores.masked_fill(~mask, float("-inf"))
+    probs = softmax(scores, dim=-1)
+    if dropout_p > 0.0:
+        probs = F.dropout(probs, p=dropout_p)
+    return probs @ v
+
+
+def causal_mask(num_queries: int, num_keys: int, device: torch.device | None = None) -> torch.Tensor:
+    """(queries, keys) boolean mask where the queries are the *last* num_queries of num_keys positions."""
+    offset = num_keys - num_queries
+    q_idx = torch.arange(num_queries, device=device)[:, None] + offset
+    return torch.arange(num_keys, device=device)[None, :] <= q_idx
+
+
+class CausalSelfAttention(nn.Module):
+    """Multi-head attention where token t sees tokens 0..t, with RoPE on q and k.
+
+    Grouped-query attention: with num_kv_heads < num_heads, each k/v head serves a group of
+    num_heads/num_kv_heads query heads (smaller KV cache, same quality at scale).
+    Rows of q/k/v_proj are laid out head by head: rows h·d_k … (h+1)·d_k−1 belong to head h.
+    """
+
+    def __init__(self, config: DIYConfig, rope: RotaryEmbedding | None = None):
+        super().__init__()
+        self.num_heads, self.num_kv_heads, self.head_dim = config.num_heads, config.num_kv_heads, config.head_dim
+        self.attn_impl, self.fused = config.attn_impl, config.fused_projections
+        self.dropout = config.dropout
+        d = config.d_model
+        self.q_proj = Linear(d, self.num_heads * self.head_dim)
+        self.k_proj = Linear(d, self.num_kv_heads * self.head_dim)
+        self.v_proj = Linear(d, self.num_kv_heads * self.head_dim)
+        self.output_proj = Linear(self.num_heads * self.head_dim, d)
+        self.rope = rope
+
+    def forward(
+        self,
+        x: torch.Tensor,
+        positions: torch.Tensor | None = None,
+        attn_mask: torch.Tensor | None = None,
+        kv_cache: KVCache | None = None,
+        layer_idx: int = 0,
+    ) -> torch.Tensor:
+        """x: (B, T, d_model). positions: (T,) or (B, T), default 0..T-1 after what the cache holds.
+
+        attn_mask, when given, is the complete boolean mask (True = may attend), broadcastable to
+        (B, heads, T, keys); without it the mask is causal (offset by the cached tokens).
+        """
+        B, T, _ = x.shape
+        H, Hkv, D = self.num_heads, self.num_kv_heads, self.head_dim
+        if self.fused:
+            w = torch.cat([self.q_proj.weight, self.k_proj.weight, self.v_proj.weight])
+            q, k, v = (x @ w.t()).split([H * D, Hkv * D, Hkv * D], dim=-1)
+        else:
+            q, k, v = self.q_proj(x), self.k_proj(x), self.v_proj(x)
+        q = q.view(B, T, H, D).transpose(1, 2)  # (B, H, T, D)
+        k = k.view(B, T, Hkv, D).transpose(1, 2)
+        v = v.view(B, T, Hkv, D).transpose(1, 2)
+
+        past = kv_cache.length if kv_cache is not None else 0
+        if self.rope is not None:
+            if positions is None and past:
+                positions = torch.arange(past, past + T, device=x.device)
+            cos, sin = self.rope.cos_sin(positions, T)
+            if cos.dim() == 3:  # per-row positions (B, T, D/2): add the head axis
+                cos, sin = cos[:, None], sin[:, None]
+            q, k = apply_rotary(q, cos, sin), apply_rotary(k, cos, sin)
+        if kv_cache is not None:
+            k, v = kv_cache.update(layer_idx, k, v)
+        if Hkv != H:  # give every query head its group's k/v head
+            k = k.repeat_interleave(H // Hkv, dim=1)
+            v = v.repeat_interleave(H // Hkv, dim=1)
+
+        num_keys = k.shape[2]
+        is_causal = attn_mask is None and num_keys == T
+        mask = attn_mask
+        if mask is None and not is_causal and T > 1:
+            mask = causal_mask(T, num_keys, x.device)
+        dropout_p = self.dropout if self.training else 0.0
+        if self.attn_impl == "sdpa":
+            y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=is_causal, dropout_p=dropout_p)
+        else:
+            if is_causal:
+                mask = causal_mask(T, num_keys, x.device)
+            y = scaled_dot_product_attention(q, k, v, mask=mask, dropout_p=dropout_p)
+        y = y.transpose(1, 2).reshape(B, T, H * D)
+        return self.output_proj(y)

@@ -1,0 +1,53 @@
+"""A preallocated key/value cache: decode one token per step without recomputing the prefix.
+
+Each layer's keys and values (after RoPE) are written once into a fixed buffer; a decode step then
+costs attention over the cache plus one token's worth of matmuls, instead of the whole sequence.
+"""
+
+from __future__ import annotations
+
+import torch
+
+
+class KVCache:
+    def __init__(
+        self,
+        num_layers: int,
+        batch_size: int,
+        num_kv_heads: int,
+        head_dim: int,
+        max_len: int,
+        device: torch.device | str = "cpu",
+        dtype: torch.dtype = torch.float32,
+    ):
+        shape = (num_layers, batch_size, num_kv_heads, max_len, head_dim)
+        self.k = torch.zeros(shape, device=device, dtype=dtype)
+        self.v = torch.zeros(shape, device=device, dtype=dtype)
+        self.max_len = max_len
+        self.length = 0  # tokens stored so far (the same for every layer once a forward completes)
+
+    @classmethod
+    def for_model(cls, model, batch_size: int, max_len: int | None = None, dtype: torch.dtype | None = None):
+        c = model.config
+        param = next(model.parameters())
+        return cls(c.num_layers, batch_size, c.num_kv_heads, c.head_dim, max_len or c.context_length,
+                   device=param.device, dtype=dtype or param.dtype)
+
+    def update(self, layer_idx: int, k: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Store k/v (B, Hkv, T, D) after the cached tokens; return all keys/values so far."""
+        start, end = self.length, self.length + k.shape[2]
+        if end > self.max_len:
+            raise ValueError(
+                f"KV cache full: {end} tokens > max_len={self.max_len} (the model's context_length); "
+                "stop generation earlier or slide the window"
+            )
+        self.k[layer_idx, :, :, start:end] = k
+        self.v[layer_idx, :, :, start:end] = v
+        return self.k[layer_idx, :, :, :end], self.v[layer_idx, :, :, :end]
+
+    def advance(self, num_tokens: int) -> None:
+        """Called by the model after every layer has stored its k/v for this forward."""
+        self.length += num_tokens
+
+    def reset(self) -> None:
+        self.length = 0
