@@ -62,9 +62,9 @@ class RMSNorm(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         in_dtype = x.dtype
-        x = x.float()
+        x = x.to(torch.promote_types(in_dtype, torch.float32))  # at least float32 (float64 stays float64)
         x = x * torch.rsqrt(x.pow(2).mean(dim=-1, keepdim=True) + self.eps)
-        return (x * self.weight.float()).to(in_dtype)
+        return (x * self.weight.to(x.dtype)).to(in_dtype)
 
 
 def silu(x: torch.Tensor) -> torch.Tensor:

@@ -23,7 +23,8 @@ def cross_entropy(
     never NaN. reduction="sum" returns the summed loss (for averaging across micro-batches yourself);
     reduction="none" returns the per-token losses with uncounted tokens set to 0.
     """
-    logits = logits.float()  # the log-sum-exp of bf16 logits is too coarse for a loss
+    # At least float32: the log-sum-exp of bf16 logits is too coarse for a loss (float64 stays float64).
+    logits = logits.to(torch.promote_types(logits.dtype, torch.float32))
     valid = targets != ignore_index
     if loss_mask is not None:
         valid = valid & (loss_mask != 0)

@@ -1,0 +1,33 @@
+"""Shared test fixtures. Everything runs on CPU; the shared corpora are optional."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import pytest
+import torch
+
+REPO_ROOT = Path(__file__).resolve().parents[1]
+SHARED_DATA = Path(os.environ.get("DIYLLM_SHARED_DATA", REPO_ROOT.parent / "shared" / "data"))
+
+
+@pytest.fixture(autouse=True)
+def _deterministic():
+    torch.manual_seed(0)
+    yield
+
+
+@pytest.fixture
+def shared_data() -> Path:
+    """../shared/data (tinyshakespeare.txt, corpus.en) when present; the test is skipped otherwise."""
+    if not SHARED_DATA.is_dir():
+        pytest.skip(f"shared data folder {SHARED_DATA} not present")
+    return SHARED_DATA
+
+
+@pytest.fixture
+def tiny_config():
+    from diyllm.model import DIYConfig
+
+    return DIYConfig(vocab_size=97, context_length=32, d_model=64, num_layers=2, num_heads=4, d_ff=128)
