@@ -158,3 +158,17 @@ def run_load_checkpoint(src: str | os.PathLike | BinaryIO | IO[bytes], model: to
 
 
 # ---- tokenizer adapters (the BPE tokenizer lives in diyllm/tokenizers/) ------------------------------
+
+
+def get_tokenizer(vocab: dict[int, bytes], merges: list[tuple[bytes, bytes]],
+                  special_tokens: list[str] | None = None):  # noqa: ANN201 - a BPETokenizer
+    from diyllm.tokenizers import BPETokenizer
+
+    return BPETokenizer(vocab, merges, special_tokens)
+
+
+def run_train_bpe(input_path: str | os.PathLike, vocab_size: int, special_tokens: list[str],
+                  **kwargs) -> tuple[dict[int, bytes], list[tuple[bytes, bytes]]]:
+    from diyllm.tokenizers import train_bpe
+
+    return train_bpe(input_path, vocab_size, special_tokens, **kwargs)
