@@ -18,6 +18,16 @@ def _deterministic():
     yield
 
 
+@pytest.fixture(scope="module")
+def one_thread():
+    """Tiny models are bound by per-op overhead; on a shared CPU extra threads only add contention.
+    Use with `pytestmark = pytest.mark.usefixtures("one_thread")`."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
 @pytest.fixture
 def shared_data() -> Path:
     """../shared/data (tinyshakespeare.txt, corpus.en) when present; the test is skipped otherwise."""

@@ -106,7 +106,8 @@ def test_transformer_lm_and_block_adapters_match_the_model():
     model = DIYForCausalLM(config).eval()
     ids = torch.randint(0, 50, (2, 10))
     weights = model.state_dict()
-    torch.testing.assert_close(adapters.run_transformer_lm(50, 16, 32, 2, 4, 64, 10000.0, weights, ids), model(ids).logits)
+    logits = adapters.run_transformer_lm(50, 16, 32, 2, 4, 64, 10000.0, weights, ids)
+    torch.testing.assert_close(logits, model(ids).logits)
     block_weights = {k.removeprefix("layers.0."): v for k, v in weights.items() if k.startswith("layers.0.")}
     x = torch.randn(2, 10, 32)
     torch.testing.assert_close(adapters.run_transformer_block(32, 4, 64, 16, 10000.0, block_weights, x),

@@ -64,3 +64,23 @@ def test_loading_refuses_pickled_code_and_garbage(tmp_path):
     torch.save({"weights": torch.ones(1)}, tmp_path / "other.pt")
     with pytest.raises(UserError, match="not a diyllm checkpoint"):
         read_checkpoint(tmp_path / "other.pt")
+
+
+def test_atomic_files_and_folders_get_the_usual_permissions(tmp_path):
+    """Temp files start owner-only (mkstemp/mkdtemp); the finished file/folder must have the mode a plain
+    open()/mkdir gives under the umask, so a shared run folder or export stays readable."""
+    import os
+    import stat
+
+    from diyllm.atomic import atomic_dir, atomic_write
+
+    old = os.umask(0o022)
+    try:
+        with atomic_write(tmp_path / "a.bin") as f:
+            f.write(b"x")
+        with atomic_dir(tmp_path / "folder") as d:
+            (d / "inside.txt").write_text("y")
+    finally:
+        os.umask(old)
+    assert stat.S_IMODE((tmp_path / "a.bin").stat().st_mode) == 0o644
+    assert stat.S_IMODE((tmp_path / "folder").stat().st_mode) == 0o755

@@ -111,18 +111,7 @@ def export_hf(
         if tokenizer is not None:
             _write_json(tmp / "tokenizer.json", to_hf_tokenizer_json(tokenizer))
             _write_json(tmp / "tokenizer_config.json", to_hf_tokenizer_config(tokenizer, cfg.context_length, template))
-        _default_permissions(tmp)
     return out_dir
-
-
-def _default_permissions(folder: Path) -> None:
-    """The temp folder (mkdtemp) and some writers use owner-only modes; an export is meant to be shared
-    (served, uploaded), so give it the modes a plain mkdir/open would have under the current umask."""
-    umask = os.umask(0)
-    os.umask(umask)
-    folder.chmod(0o777 & ~umask)
-    for f in folder.iterdir():
-        f.chmod(0o666 & ~umask)
 
 
 def export_checkpoint(

@@ -1,0 +1,102 @@
+"""Decode speed: diyllm with and without the KV cache, and Hugging Face generate() on the same shape.
+
+    python benchmarks/bench_generate.py                  # d_model 384, 6 layers, 6 heads, ctx 512, vocab 4096
+    python benchmarks/bench_generate.py --rounds 7 --threads 1
+    python benchmarks/bench_generate.py --quick          # smaller, for a smoke run
+
+Greedy decoding of --new tokens after a --prompt-token prompt, batch 1, float32 on CPU. The three
+contenders run interleaved round by round (the machine may be shared), and the medians are compared:
+  * cache speedup = diyllm with KV cache / diyllm without cache (target >= 5x)
+  * vs HF          = diyllm with KV cache / transformers LlamaForCausalLM.generate(use_cache=True) (>= 1.5x)
+The HF model is built with the identical shape (hidden 384, intermediate = diyllm's d_ff, 6 heads, RMSNorm
+eps, rope theta, untied head) and forced to produce exactly --new tokens (min_new_tokens = max_new_tokens).
+"""
+
+from __future__ import annotations
+
+import argparse
+import statistics
+import time
+
+import torch
+
+from diyllm.generation.generate import generate
+from diyllm.model import DIYConfig, DIYForCausalLM
+
+
+def hf_model(cfg: DIYConfig):
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    hc = LlamaConfig(vocab_size=cfg.vocab_size, hidden_size=cfg.d_model, intermediate_size=cfg.d_ff,
+                     num_hidden_layers=cfg.num_layers, num_attention_heads=cfg.num_heads,
+                     num_key_value_heads=cfg.num_kv_heads, max_position_embeddings=cfg.context_length,
+                     rms_norm_eps=cfg.norm_eps, rope_theta=cfg.rope_theta, tie_word_embeddings=False)
+    return LlamaForCausalLM(hc).eval()
+
+
+def timed(fn) -> float:
+    start = time.perf_counter()
+    fn()
+    return time.perf_counter() - start
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--rounds", type=int, default=5)
+    p.add_argument("--new", type=int, default=256)
+    p.add_argument("--prompt", type=int, default=64)
+    p.add_argument("--threads", type=int, default=0, help="torch threads (0: torch's default)")
+    p.add_argument("--quick", action="store_true")
+    p.add_argument("--no-hf", action="store_true", help="skip the transformers comparison")
+    args = p.parse_args()
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    if args.quick:
+        cfg = DIYConfig(vocab_size=1024, context_length=256, d_model=128, num_layers=2, num_heads=4)
+        args.new, args.prompt, args.rounds = 64, 32, 3
+    else:
+        cfg = DIYConfig(vocab_size=4096, context_length=512, d_model=384, num_layers=6, num_heads=6)
+    torch.manual_seed(0)
+    model = DIYForCausalLM(cfg).eval()
+    prompt = torch.randint(0, cfg.vocab_size, (args.prompt,)).tolist()
+    hf = None if args.no_hf else hf_model(cfg)
+    hf_ids = torch.tensor([prompt])
+
+    def ours(use_cache: bool):
+        out = generate(model, prompt, args.new, temperature=0, use_cache=use_cache)
+        assert len(out[0]) == args.new
+
+    def theirs():
+        with torch.inference_mode():
+            out = hf.generate(hf_ids, do_sample=False, max_new_tokens=args.new, min_new_tokens=args.new,
+                              use_cache=True, pad_token_id=0)
+        assert out.shape[1] == args.prompt + args.new
+
+    # warm-up (allocator, lazy init), then interleaved rounds
+    generate(model, prompt, 8, temperature=0)
+    generate(model, prompt, 8, temperature=0, use_cache=False)
+    if hf is not None:
+        with torch.inference_mode():
+            hf.generate(hf_ids, do_sample=False, max_new_tokens=8, min_new_tokens=8, pad_token_id=0)
+    times: dict[str, list[float]] = {"cache": [], "no cache": [], "hf": []}
+    for r in range(args.rounds):
+        times["cache"].append(timed(lambda: ours(True)))
+        if r < max(1, args.rounds // 2):  # the slow reference: fewer rounds are enough
+            times["no cache"].append(timed(lambda: ours(False)))
+        if hf is not None:
+            times["hf"].append(timed(theirs))
+        print(f"round {r + 1}/{args.rounds}: " + ", ".join(f"{k} {args.new / v[-1]:.0f} tok/s"
+                                                           for k, v in times.items() if v), flush=True)
+    tps = {k: args.new / statistics.median(v) for k, v in times.items() if v}
+    print(f"\nmodel d_model={cfg.d_model} layers={cfg.num_layers} heads={cfg.num_heads} ctx={cfg.context_length} "
+          f"vocab={cfg.vocab_size}; prompt {args.prompt}, {args.new} new tokens, greedy, batch 1, "
+          f"{torch.get_num_threads()} threads, torch {torch.__version__}")
+    for k, v in tps.items():
+        print(f"  {k:<9} {v:8.1f} tokens/s (median of {len(times[k])})")
+    print(f"  KV-cache speedup: {tps['cache'] / tps['no cache']:.1f}x (target >= 5x)")
+    if "hf" in tps:
+        print(f"  diyllm / HF generate: {tps['cache'] / tps['hf']:.2f}x (target >= 1.5x)")
+
+
+if __name__ == "__main__":
+    main()

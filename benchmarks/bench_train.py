@@ -1,0 +1,128 @@
+"""Training throughput: diyllm vs Hugging Face `transformers` LlamaForCausalLM, same shapes, same run.
+
+    python benchmarks/bench_train.py                 # both shapes, float32, CPU, torch's thread count
+    python benchmarks/bench_train.py --rounds 9 --steps 5
+    python benchmarks/bench_train.py --compile       # also both models under torch.compile (needs a C compiler)
+
+One training step = forward + backward + optimizer step + zero_grad(set_to_none=True), on identical
+shapes (vocab 65; d_model 128 x 4 layers x 4 heads, d_ff 344, context 64, batch 12; and d_model 384 x 6
+layers x 6 heads, d_ff 1024, context 256, batch 16), float32 on CPU, the same thread count. Each model
+uses its natural optimizer: diyllm its own AdamW (foreach, decay on matrices only), Hugging Face
+torch.optim.AdamW (foreach). Runs are interleaved (diyllm, HF, diyllm, HF, ...) and the medians compared,
+so a busy shared CPU slows both alike. The ratio printed is diyllm tokens/s over HF tokens/s.
+"""
+
+from __future__ import annotations
+
+import argparse
+import statistics
+import time
+
+import torch
+
+SHAPES = {
+    "small": dict(d_model=128, num_layers=4, num_heads=4, d_ff=344, context=64, batch=12),
+    "medium": dict(d_model=384, num_layers=6, num_heads=6, d_ff=1024, context=256, batch=16),
+}
+VOCAB = 65
+
+
+def diy_step_fn(shape: dict, compile: bool = False):
+    from diyllm.model import DIYConfig, DIYForCausalLM
+    from diyllm.training.optim import AdamW
+    from diyllm.training.trainer import optimizer_groups
+
+    model = DIYForCausalLM(DIYConfig(vocab_size=VOCAB, context_length=shape["context"], d_model=shape["d_model"],
+                                     num_layers=shape["num_layers"], num_heads=shape["num_heads"],
+                                     d_ff=shape["d_ff"])).train()
+    opt = AdamW(optimizer_groups(model, 0.1), lr=1e-3, betas=(0.9, 0.99), foreach=True)
+    forward = torch.compile(model) if compile else model
+
+    def step(x, y):
+        loss = forward(x, targets=y).loss
+        loss.backward()
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+        return loss
+
+    return step, sum(p.numel() for p in model.parameters())
+
+
+def hf_step_fn(shape: dict, compile: bool = False):
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    config = LlamaConfig(hidden_size=shape["d_model"], intermediate_size=shape["d_ff"],
+                         num_hidden_layers=shape["num_layers"], num_attention_heads=shape["num_heads"],
+                         num_key_value_heads=shape["num_heads"], max_position_embeddings=shape["context"],
+                         vocab_size=VOCAB, rms_norm_eps=1e-5, tie_word_embeddings=False,
+                         attn_implementation="sdpa")
+    model = LlamaForCausalLM(config).train()
+    opt = torch.optim.AdamW(model.parameters(), lr=1e-3, betas=(0.9, 0.99), weight_decay=0.1, foreach=True)
+    forward = torch.compile(model) if compile else model
+
+    def step(x, y):
+        loss = forward(input_ids=x, labels=x).loss  # HF shifts labels itself
+        loss.backward()
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+        return loss
+
+    return step, sum(p.numel() for p in model.parameters())
+
+
+def time_steps(step, x, y, n: int) -> float:
+    t = time.perf_counter()
+    for _ in range(n):
+        step(x, y)
+    return (time.perf_counter() - t) / n
+
+
+def bench(name: str, shape: dict, rounds: int, steps: int, compile: bool = False) -> float:
+    torch.manual_seed(0)
+    x = torch.randint(0, VOCAB, (shape["batch"], shape["context"]))
+    y = torch.roll(x, -1, dims=1)
+    runners = {"diyllm": diy_step_fn(shape), "hf": hf_step_fn(shape)}
+    if compile:
+        runners |= {"diyllm+compile": diy_step_fn(shape, compile=True), "hf+compile": hf_step_fn(shape, compile=True)}
+    for step, _ in runners.values():  # warm-up: allocator, kernels, optimizer state (and compilation)
+        time_steps(step, x, y, 3)
+    times: dict[str, list[float]] = {k: [] for k in runners}
+    for _ in range(rounds):
+        for key, (step, _) in runners.items():
+            times[key].append(time_steps(step, x, y, steps))
+    tokens = shape["batch"] * shape["context"]
+    med = {k: statistics.median(v) for k, v in times.items()}
+    print(f"\n[{name}] d_model {shape['d_model']}, {shape['num_layers']} layers, {shape['num_heads']} heads, "
+          f"context {shape['context']}, batch {shape['batch']}; params diyllm {runners['diyllm'][1]:,} "
+          f"hf {runners['hf'][1]:,}")
+    for k in runners:
+        print(f"  {k:<14} median {1000 * med[k]:8.1f} ms/step  {tokens / med[k]:9.0f} tok/s  "
+              f"(min {1000 * min(times[k]):.1f}, max {1000 * max(times[k]):.1f})")
+    ratio = med["hf"] / med["diyllm"]
+    print(f"  diyllm / HF throughput: {ratio:.2f}x")
+    if compile:
+        print(f"  compiled: diyllm / HF {med['hf+compile'] / med['diyllm+compile']:.2f}x, "
+              f"diyllm compiled / HF eager {med['hf'] / med['diyllm+compile']:.2f}x")
+    return ratio
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--rounds", type=int, default=7)
+    parser.add_argument("--steps", type=int, default=5, help="steps per timed run")
+    parser.add_argument("--shapes", nargs="+", default=list(SHAPES), choices=list(SHAPES))
+    parser.add_argument("--threads", type=int, default=0, help="torch threads (0: torch's default)")
+    parser.add_argument("--compile", action="store_true", help="also time both models under torch.compile")
+    args = parser.parse_args()
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    import transformers
+
+    print(f"torch {torch.__version__}, transformers {transformers.__version__}, float32 CPU, "
+          f"{torch.get_num_threads()} threads; {args.rounds} interleaved rounds of {args.steps} steps")
+    ratios = {name: bench(name, SHAPES[name], args.rounds, args.steps, args.compile) for name in args.shapes}
+    print("\nsummary: " + ", ".join(f"{k} {v:.2f}x" for k, v in ratios.items()) + " (target >= 1.6x)")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,116 @@
+"""Generate text from a checkpoint.
+
+Examples:
+  diyllm sample --ckpt out/shakespeare_char/best.pt --prompt "ROMEO:" --max_new_tokens 300
+  diyllm sample --ckpt out/run --num_samples 3 --temperature 0.8 --top_k 50 --seed 1
+  diyllm sample --ckpt out/run --prompt "def " --temperature 0 --no_cache      # greedy, reference path
+
+One sample is streamed to the terminal as it is produced; several are generated as one batch and printed
+one after another. Throughput (new tokens per second) goes to stderr.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+import time
+import warnings
+
+import torch
+
+from diyllm.errors import UserError
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--ckpt", required=True, help="checkpoint .pt file or run folder (uses best.pt)")
+    parser.add_argument("--prompt", default="", help="text to continue (default: start from end-of-text)")
+    parser.add_argument("--num_samples", type=int, default=1)
+    parser.add_argument("--max_new_tokens", type=int, default=200)
+    parser.add_argument("--temperature", type=float, default=0.8, help="0 = greedy")
+    parser.add_argument("--top_k", type=int, default=None)
+    parser.add_argument("--top_p", type=float, default=None, help="nucleus sampling, e.g. 0.9")
+    parser.add_argument("--repetition_penalty", type=float, default=1.0, help="> 1 discourages repeats")
+    parser.add_argument("--stop", action="append", default=[], help="stop string (repeatable)")
+    parser.add_argument("--seed", type=int, default=None)
+    parser.add_argument("--no_cache", action="store_true", help="re-run the whole prefix each step (reference)")
+    parser.add_argument("--context", choices=("slide", "stop"), default="slide",
+                        help="when the context window is full: drop the oldest tokens or stop")
+    parser.add_argument("--device", default="auto", help="auto, cpu, cuda, mps")
+
+
+def _prompt_ids(tokenizer, prompt: str) -> list[int]:
+    if prompt:
+        ids = tokenizer.encode(prompt)
+        if ids:
+            return ids
+    if getattr(tokenizer, "eot_id", None) is not None:
+        return [tokenizer.eot_id]
+    ids = tokenizer.encode("\n")
+    if not ids:
+        raise UserError("empty --prompt and the tokenizer has neither <|endoftext|> nor a newline; pass --prompt")
+    return ids
+
+
+def _check_options(args: argparse.Namespace) -> None:
+    if args.num_samples < 1:
+        raise UserError(f"--num_samples must be >= 1 (got {args.num_samples})")
+    if args.max_new_tokens < 1:
+        raise UserError(f"--max_new_tokens must be >= 1 (got {args.max_new_tokens})")
+    if args.temperature < 0:
+        raise UserError(f"--temperature must be >= 0 (got {args.temperature}); 0 means greedy")
+    if args.top_k is not None and args.top_k < 1:
+        raise UserError(f"--top_k must be >= 1 (got {args.top_k})")
+    if args.top_p is not None and not 0 < args.top_p <= 1:
+        raise UserError(f"--top_p must be in (0, 1] (got {args.top_p})")
+    if args.repetition_penalty <= 0:
+        raise UserError(f"--repetition_penalty must be > 0 (got {args.repetition_penalty})")
+
+
+def run(args: argparse.Namespace) -> int:
+    from diyllm.generation.generate import generate
+    from diyllm.generation.text import stream_text
+    from diyllm.training.checkpoint import load_model
+    from diyllm.training.device import resolve_device
+
+    _check_options(args)
+    model, tokenizer, _ = load_model(args.ckpt, device=resolve_device(args.device))
+    if tokenizer is None:
+        raise UserError(f"{args.ckpt} holds no tokenizer, so text cannot be encoded; retrain with `diyllm train`")
+    ids = _prompt_ids(tokenizer, args.prompt)
+    options = dict(temperature=args.temperature, top_k=args.top_k, top_p=args.top_p,
+                   repetition_penalty=args.repetition_penalty, seed=args.seed, use_cache=not args.no_cache,
+                   context=args.context, vocab_limit=tokenizer.vocab_size)
+    eot = getattr(tokenizer, "eot_id", None)
+    stop_ids = [eot] if eot is not None else []
+    if args.seed is not None:
+        torch.manual_seed(args.seed)
+
+    start = time.perf_counter()
+    num_tokens = 0
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        if args.num_samples == 1:
+            stats: dict = {}
+            sys.stdout.write(args.prompt)
+            for piece in stream_text(model, tokenizer, ids, args.max_new_tokens, stop_strings=args.stop,
+                                     stats=stats, **options):
+                sys.stdout.write(piece)
+                sys.stdout.flush()
+            sys.stdout.write("\n")
+            num_tokens = stats.get("num_tokens", 0)
+        else:
+            rows = generate(model, [ids] * args.num_samples, args.max_new_tokens, stop_ids=stop_ids, **options)
+            num_tokens = sum(len(r) for r in rows)
+            for i, row in enumerate(rows):
+                text = tokenizer.decode(row)
+                for s in args.stop:
+                    text = text.split(s, 1)[0]
+                print(f"--- sample {i + 1}/{args.num_samples} ---")
+                print(args.prompt + text)
+    elapsed = time.perf_counter() - start
+    sys.stdout.flush()  # the text first, then the notes on stderr
+    for w in caught:
+        print(f"note: {w.message}", file=sys.stderr)
+    print(f"[{num_tokens} new tokens in {elapsed:.2f}s: {num_tokens / max(elapsed, 1e-9):.1f} tokens/s, "
+          f"{'no cache' if args.no_cache else 'KV cache'}]", file=sys.stderr)
+    return 0

@@ -1,0 +1,266 @@
+"""Autoregressive generation, with and without a KV cache, from one model `forward`.
+
+Two ways to produce token t+1, which give the same tokens (tests check the logits agree to float32
+tolerance):
+
+* without a cache (`use_cache=False`, the readable reference): run the whole sequence through the model
+  at every step and keep the last position's logits. Cost per step grows with the sequence length.
+* with a cache (`use_cache=True`, the default): run the prompt once ("prefill"), which stores every
+  layer's keys/values in a preallocated `KVCache`; then feed only the newest token per step. RoPE gets the
+  token's true position, so the cached keys and the new query line up exactly as in the full forward.
+
+Batches of prompts of different lengths are left-padded: every row ends at the same column, so one
+decode step appends one column for all rows. Padding is excluded by a boolean attention mask and each
+row's positions count only its real tokens (position 0 = its first real token). A padding query attends
+to itself only, so its softmax row is never empty (an all -inf row would give NaN).
+
+Context window: the model never reads more than `context_length` tokens. With `context="slide"` (the
+default) the oldest tokens are dropped: the no-cache path crops to the last `context_length` tokens
+every step; the cached path, when the cache is full, re-prefills the last 3/4 of the window and goes on
+(re-prefilling every step would cost as much as not caching). The two paths therefore agree exactly up
+to the first overflow and only approximately after it. With `context="stop"` generation ends with a
+`ContextFullWarning` instead.
+"""
+
+from __future__ import annotations
+
+import warnings
+from collections.abc import Iterator, Sequence
+from dataclasses import dataclass
+
+import torch
+from torch import nn
+
+from diyllm.generation.sampling import apply_repetition_penalty, sample_next
+from diyllm.model.kv_cache import KVCache
+
+CONTEXT_MODES = ("slide", "stop")
+
+
+class ContextFullWarning(RuntimeWarning):
+    """Generation stopped early because the next token would not fit in the model's context window."""
+
+
+@dataclass
+class DecodeStep:
+    """What one decoding step produced, for every row of the batch.
+
+    tokens: (B,) the sampled ids. logits: (B, V) the model's raw logits they were sampled from (before
+    repetition penalty / temperature / filtering). finished: (B,) True for rows that had already hit a
+    stop token before this step (their token is filler and must be ignored).
+    """
+
+    tokens: torch.Tensor
+    logits: torch.Tensor
+    finished: torch.Tensor
+
+
+def _as_batch(prompt_ids: Sequence[int] | Sequence[Sequence[int]]) -> tuple[list[list[int]], bool]:
+    """Normalise to a list of prompts; also say whether the caller passed a single prompt."""
+    if len(prompt_ids) == 0:
+        raise ValueError("empty prompt: give at least one token id (e.g. the tokenizer's end-of-text id)")
+    single = not isinstance(prompt_ids[0], (list, tuple)) and not (
+        isinstance(prompt_ids[0], torch.Tensor) and prompt_ids[0].dim() > 0
+    )
+    batch = [list(map(int, prompt_ids))] if single else [list(map(int, p)) for p in prompt_ids]
+    for i, p in enumerate(batch):
+        if not p:
+            raise ValueError(f"prompt {i} is empty: give at least one token id (e.g. the end-of-text id)")
+    return batch, single
+
+
+def iter_steps(
+    model: nn.Module,
+    prompt_ids: Sequence[int] | Sequence[Sequence[int]],
+    max_new_tokens: int,
+    temperature: float = 1.0,
+    top_k: int | None = None,
+    top_p: float | None = None,
+    repetition_penalty: float = 1.0,
+    stop_ids: Sequence[int] = (),
+    seed: int | None = None,
+    use_cache: bool = True,
+    context: str = "slide",
+    vocab_limit: int | None = None,
+) -> Iterator[DecodeStep]:
+    """The decoding loop itself: yields one `DecodeStep` per new token (for the whole batch).
+
+    `generate` and `stream` are thin wrappers; use this when you need the logits (tests, analysis).
+    The model is put in eval mode for the duration and restored afterwards. `vocab_limit` (usually the
+    tokenizer's vocab size) forbids ids >= it: a model whose embedding is larger than its tokenizer (a
+    padded vocab_size) must never emit an id that has no text.
+    """
+    prompts, _ = _as_batch(prompt_ids)
+    if context not in CONTEXT_MODES:
+        raise ValueError(f"context={context!r} must be one of {CONTEXT_MODES}")
+    if repetition_penalty <= 0:
+        raise ValueError(f"repetition_penalty must be > 0, got {repetition_penalty}")
+    if max_new_tokens <= 0:
+        return
+    was_training = model.training
+    model.eval()
+    try:
+        yield from _decode(model, prompts, max_new_tokens, temperature, top_k, top_p, repetition_penalty,
+                           tuple(stop_ids), seed, use_cache, context, vocab_limit)
+    finally:
+        model.train(was_training)
+
+
+@torch.inference_mode()
+def _decode(model, prompts, max_new_tokens, temperature, top_k, top_p, repetition_penalty, stop_ids, seed,
+            use_cache, context, vocab_limit) -> Iterator[DecodeStep]:
+    param = next(model.parameters())
+    device, ctx = param.device, model.config.context_length
+    B, L = len(prompts), max(len(p) for p in prompts)
+    if context == "stop" and ctx < L:
+        raise ValueError(f"prompt of {L} tokens exceeds the model's context_length={ctx}; shorten it or use "
+                         "context='slide' to keep only its last tokens")
+
+    # The whole sequence so far (prompt + generated), left-padded, and which columns are real tokens.
+    total = L + max_new_tokens
+    seq = torch.zeros(B, total, dtype=torch.long)
+    real = torch.zeros(B, total, dtype=torch.bool)
+    for b, p in enumerate(prompts):
+        seq[b, L - len(p) : L] = torch.tensor(p)
+        real[b, L - len(p) : L] = True
+    seq, real = seq.to(device), real.to(device)
+    padded = any(len(p) != L for p in prompts)
+    n = L  # columns filled so far
+
+    def window(start: int, end: int):
+        """Inputs for a forward over columns start..end-1: ids, per-row positions and mask (None if unpadded)."""
+        ids = seq[:, start:end]
+        if not padded:
+            return ids, None, None
+        ok = real[:, start:end]
+        positions = (ok.long().cumsum(dim=1) - 1).clamp_(min=0)
+        T = end - start
+        causal = torch.ones(T, T, dtype=torch.bool, device=device).tril_()
+        mask = (causal & ok[:, None, :]) | torch.eye(T, dtype=torch.bool, device=device)
+        return ids, positions, mask[:, None]  # mask (B, 1, T, T): broadcast over heads
+
+    def full_forward(start: int, end: int, cache: KVCache | None = None) -> tuple[torch.Tensor, torch.Tensor | None]:
+        ids, positions, mask = window(start, end)
+        logits = model(ids, positions=positions, attn_mask=mask, kv_cache=cache, last_logits_only=True).logits
+        return logits[:, -1], (positions[:, -1:] + 1 if positions is not None else None)
+
+    cache = KVCache.for_model(model, B, ctx) if use_cache else None
+    keep = max(1, ctx - ctx // 4)  # tokens kept when the cached path slides its window
+    cache_start = max(0, n - ctx)
+    logits, next_pos = full_forward(cache_start, n, cache)
+
+    generator = torch.Generator(device=device).manual_seed(seed) if seed is not None else None
+    seen = None
+    if repetition_penalty != 1.0:
+        seen = torch.zeros(B, model.config.vocab_size, dtype=torch.bool, device=device)
+        seen.scatter_(1, seq[:, :L], real[:, :L])
+    stop_t = torch.tensor(stop_ids, dtype=torch.long, device=device) if stop_ids else None
+    finished = torch.zeros(B, dtype=torch.bool, device=device)
+    no_text = None  # ids beyond the tokenizer's vocabulary
+    if vocab_limit is not None and vocab_limit < model.config.vocab_size:
+        no_text = torch.arange(model.config.vocab_size, device=device) >= vocab_limit
+
+    for step in range(max_new_tokens):
+        scores = apply_repetition_penalty(logits, seen, repetition_penalty) if seen is not None else logits
+        if no_text is not None:
+            scores = scores.masked_fill(no_text, float("-inf"))
+        tok = sample_next(scores, temperature, top_k, top_p, generator)
+        seq[:, n] = tok
+        real[:, n] = True
+        n += 1
+        if seen is not None:
+            seen.scatter_(1, tok[:, None], True)
+        yield DecodeStep(tok, logits, finished)
+        if stop_t is not None:
+            finished = finished | torch.isin(tok, stop_t)
+            if bool(finished.all()):
+                return
+        if step == max_new_tokens - 1:
+            return
+        # Feed the new token to get the logits of the next one.
+        if context == "stop" and n > ctx:
+            warnings.warn(ContextFullWarning(
+                f"stopped after {step + 1} new tokens: the sequence reached the context window of {ctx} tokens "
+                "(use context='slide' to keep going with the most recent tokens)"), stacklevel=2)
+            return
+        if cache is None:
+            logits, _ = full_forward(max(0, n - ctx), n)
+        elif cache.length >= ctx:  # full: restart the cache from the most recent `keep` tokens
+            cache.reset()
+            cache_start = n - keep
+            logits, next_pos = full_forward(cache_start, n, cache)
+        else:
+            mask = real[:, None, None, cache_start:n] if padded else None  # (B, 1, 1, keys)
+            out = model(seq[:, n - 1 : n], positions=next_pos, attn_mask=mask, kv_cache=cache, last_logits_only=True)
+            logits = out.logits[:, -1]
+            if next_pos is not None:
+                next_pos = next_pos + 1
+
+
+def generate(
+    model: nn.Module,
+    prompt_ids: Sequence[int] | Sequence[Sequence[int]],
+    max_new_tokens: int,
+    temperature: float = 1.0,
+    top_k: int | None = None,
+    top_p: float | None = None,
+    repetition_penalty: float = 1.0,
+    stop_ids: Sequence[int] = (),
+    seed: int | None = None,
+    use_cache: bool = True,
+    context: str = "slide",
+    vocab_limit: int | None = None,
+) -> list[list[int]]:
+    """Generate up to `max_new_tokens` after each prompt; returns the new ids of every row.
+
+    `prompt_ids` is one prompt (list of ids) or a batch (list of lists, any lengths). A row ends at its
+    first id in `stop_ids`, which is not included in the result. temperature=0 is greedy decoding;
+    `seed` makes sampling reproducible (same seed, same prompts, same samples).
+    """
+    prompts, _ = _as_batch(prompt_ids)
+    steps = iter_steps(model, prompts, max_new_tokens, temperature, top_k, top_p, repetition_penalty, stop_ids,
+                       seed, use_cache, context, vocab_limit)
+    # Collect on the device and convert once at the end: no host sync per token.
+    collected = [s.tokens for s in steps]
+    if not collected:
+        return [[] for _ in prompts]
+    rows = torch.stack(collected, dim=1).tolist()
+    stops = set(stop_ids)
+    out = []
+    for row in rows:
+        cut = next((i for i, t in enumerate(row) if t in stops), len(row))
+        out.append(row[:cut])
+    return out
+
+
+def stream(
+    model: nn.Module,
+    prompt_ids: Sequence[int] | Sequence[Sequence[int]],
+    max_new_tokens: int,
+    temperature: float = 1.0,
+    top_k: int | None = None,
+    top_p: float | None = None,
+    repetition_penalty: float = 1.0,
+    stop_ids: Sequence[int] = (),
+    seed: int | None = None,
+    use_cache: bool = True,
+    context: str = "slide",
+    vocab_limit: int | None = None,
+) -> Iterator[int] | Iterator[list[int | None]]:
+    """Like `generate`, but yields tokens as soon as they are produced.
+
+    For a single prompt (list of ids) it yields ints and ends at a stop token (not yielded). For a batch
+    it yields one list per step with an int for each row still running and None for finished rows.
+    """
+    prompts, single = _as_batch(prompt_ids)
+    stops = set(stop_ids)
+    steps = iter_steps(model, prompts, max_new_tokens, temperature, top_k, top_p, repetition_penalty, stop_ids,
+                       seed, use_cache, context, vocab_limit)
+    for s in steps:
+        tokens, finished = s.tokens.tolist(), s.finished.tolist()
+        if single:
+            if tokens[0] in stops:
+                return
+            yield tokens[0]
+        else:
+            yield [None if f or t in stops else t for t, f in zip(tokens, finished)]

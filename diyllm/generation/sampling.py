@@ -1,0 +1,84 @@
+"""Turning next-token logits into a token: greedy, temperature, top-k, top-p and repetition penalty.
+
+Every function works on a (batch, vocab) tensor on the model's device, so sampling never leaves the
+GPU and never loops over the vocabulary in Python. Filters set the logits of excluded tokens to -inf;
+the softmax then gives them probability exactly 0.
+
+Order of operations (the common convention): repetition penalty -> temperature -> top-k -> top-p ->
+sample. Temperature 0 means greedy (argmax after the repetition penalty).
+"""
+
+from __future__ import annotations
+
+import torch
+
+
+def apply_repetition_penalty(logits: torch.Tensor, seen: torch.Tensor, penalty: float) -> torch.Tensor:
+    """Make tokens already in the sequence less likely (the CTRL paper's rule).
+
+    A positive logit is divided by `penalty`, a negative one multiplied by it, so penalty > 1 always
+    lowers the score of a seen token whatever its sign. `seen` is a (batch, vocab) boolean tensor.
+    """
+    if penalty == 1.0:
+        return logits
+    penalised = torch.where(logits > 0, logits / penalty, logits * penalty)
+    return torch.where(seen, penalised, logits)
+
+
+def top_k_filter(logits: torch.Tensor, k: int) -> torch.Tensor:
+    """Keep exactly the k highest logits of each row (ties broken by torch.topk), -inf elsewhere."""
+    if k <= 0:
+        raise ValueError(f"top_k must be positive, got {k}")
+    if k >= logits.shape[-1]:
+        return logits
+    values, indices = torch.topk(logits, k, dim=-1)
+    return torch.full_like(logits, float("-inf")).scatter_(-1, indices, values)
+
+
+def top_p_filter(logits: torch.Tensor, p: float) -> torch.Tensor:
+    """Nucleus filtering: keep the smallest set of most likely tokens whose probability sums to >= p.
+
+    A token is dropped when the probability mass of the tokens ranked above it already reaches p; the
+    most likely token is always kept, so the result is never empty.
+    """
+    if not 0.0 < p <= 1.0:
+        raise ValueError(f"top_p must be in (0, 1], got {p}")
+    if p >= 1.0:
+        return logits
+    sorted_logits, order = torch.sort(logits, dim=-1, descending=True)
+    probs = torch.softmax(sorted_logits.float(), dim=-1)
+    mass_before = probs.cumsum(dim=-1) - probs
+    drop = mass_before >= p
+    drop[..., 0] = False
+    sorted_logits = sorted_logits.masked_fill(drop, float("-inf"))
+    return torch.empty_like(logits).scatter_(-1, order, sorted_logits)
+
+
+def filter_logits(
+    logits: torch.Tensor, temperature: float = 1.0, top_k: int | None = None, top_p: float | None = None
+) -> torch.Tensor:
+    """Scale by 1/temperature, then apply top-k and top-p: the logits `sample_next` draws from."""
+    logits = logits.float()
+    if temperature != 1.0:
+        logits = logits / temperature
+    if top_k is not None:
+        logits = top_k_filter(logits, top_k)
+    if top_p is not None:
+        logits = top_p_filter(logits, top_p)
+    return logits
+
+
+def sample_next(
+    logits: torch.Tensor,
+    temperature: float = 1.0,
+    top_k: int | None = None,
+    top_p: float | None = None,
+    generator: torch.Generator | None = None,
+) -> torch.Tensor:
+    """One token id per row of `logits` (batch, vocab) -> (batch,) int64, on the same device."""
+    if temperature < 0:
+        raise ValueError(f"temperature must be >= 0, got {temperature}")
+    if temperature == 0:
+        return logits.argmax(dim=-1)
+    probs = torch.softmax(filter_logits(logits, temperature, top_k, top_p), dim=-1)
+    return torch.multinomial(probs, 1, generator=generator).squeeze(-1)

@@ -1,0 +1,131 @@
+"""Supervised fine-tuning on conversations: the pretraining loop, an SFT data source, assistant-only loss.
+
+  diyllm sft configs/sft_synthetic.toml --init_from=runs/pretrain/best.pt
+  diyllm sft sft_synthetic --init_from=runs/pretrain/best.pt --max_iters=300 --learning_rate=1e-4
+  diyllm sft sft_synthetic --init_from=resume                 # continue the SFT run in out_dir
+
+data_dir is a conversations JSONL file/folder/glob ({"conversations": [{"role", "content"}, ...]}),
+val_data the held-out conversations (else ~5% are held out). The tokenizer is the checkpoint's: if it
+lacks the chat tokens <|im_start|>/<|im_end|> they are added and the model's embedding and lm_head get
+new rows initialised to the mean of the existing rows (a neutral start: no token is favoured). A
+tokenizer_path that does not match the checkpoint's tokenizer is an error. Character tokenizers are
+refused (see diyllm/data/chat_template.py). See docs/sft.md.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+from typing import Any
+
+import torch
+from torch import nn
+
+from diyllm.errors import UserError
+
+ACCEPTS_OVERRIDES = True
+SHAPE_KEYS = ("vocab_size", "context_length", "d_model", "num_layers", "num_heads", "num_kv_heads", "d_ff",
+              "rope_theta", "norm_eps", "tie_embeddings", "init_std")
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("config", nargs="?", default=None, help="a TOML file or the name of a shipped sft config")
+    parser.add_argument("--print-config", action="store_true", help="print the resolved config and exit")
+
+
+@torch.no_grad()
+def resize_vocabulary(model: nn.Module, new_size: int) -> list[int]:
+    """Grow the embedding and lm_head to `new_size` rows; new rows = mean of the old ones. Returns new ids.
+
+    The mean embedding is a vector the network has effectively seen (it is the centre of all inputs), and
+    a mean lm_head row gives each new token the average logit, so adding tokens does not disturb what the
+    model already predicts for the old ones.
+    """
+    old = model.config.vocab_size
+    if new_size < old:
+        raise ValueError(f"cannot shrink the vocabulary from {old} to {new_size}")
+    if new_size == old:
+        return []
+    extra = new_size - old
+    head = model.lm_head.weight
+    new_head = torch.cat([head, head.mean(0, keepdim=True).expand(extra, -1)])
+    model.lm_head.weight = nn.Parameter(new_head)
+    model.lm_head.out_features = new_size
+    if model.config.tie_embeddings:
+        model.token_embeddings.weight = model.lm_head.weight
+    else:
+        emb = model.token_embeddings.weight
+        model.token_embeddings.weight = nn.Parameter(torch.cat([emb, emb.mean(0, keepdim=True).expand(extra, -1)]))
+    model.token_embeddings.num_embeddings = new_size
+    model.config.vocab_size = new_size
+    return list(range(old, new_size))
+
+
+def check_tokenizer_matches(checkpoint_tok: Any, given_tok: Any, given_path: str, ckpt_path: str) -> None:
+    """The tokenizer used for SFT must be the pretraining one (chat tokens aside)."""
+    from diyllm.data.chat_template import CHAT_SPECIAL_TOKENS
+
+    def core(tok):
+        specials = [s for s in getattr(tok, "special_tokens", []) if s not in CHAT_SPECIAL_TOKENS]
+        base = tok.vocab_size - sum(1 for s in getattr(tok, "special_tokens", []) if s in CHAT_SPECIAL_TOKENS)
+        return getattr(tok, "kind", None), base, specials
+
+    if core(checkpoint_tok) != core(given_tok):
+        raise UserError(
+            f"tokenizer_path={given_path} does not match the tokenizer of {ckpt_path} "
+            f"(kind/size/special tokens {core(given_tok)} vs {core(checkpoint_tok)}): fine-tuning must use the "
+            "pretraining tokenizer; drop tokenizer_path to use the checkpoint's"
+        )
+
+
+def prepare_sft(cfg: Any) -> tuple[Any, Any, nn.Module | None]:
+    """(cfg for the trainer, SFTSource, model or None) for an SFT run described by `cfg`."""
+    from diyllm.data.sft import SFTSource
+    from diyllm.tokenizers import load_tokenizer
+    from diyllm.training.checkpoint import load_model, read_checkpoint, tokenizer_from_text
+
+    cfg = dataclasses.replace(cfg, data_format="sft")
+    if cfg.init_from == "scratch":
+        raise UserError("sft fine-tunes a pretrained model: pass --init_from=PATH/TO/pretrain/best.pt "
+                        "(or --init_from=resume to continue an SFT run)")
+    if cfg.init_from == "resume":
+        from pathlib import Path
+
+        path = Path(cfg.out_dir) / "latest.pt"
+        ckpt = read_checkpoint(path)
+        tok = tokenizer_from_text(ckpt.get("tokenizer"), str(path))
+        cfg = dataclasses.replace(cfg, **{k: ckpt["model_config"][k] for k in SHAPE_KEYS if k in ckpt["model_config"]})
+        return cfg, SFTSource(cfg, tokenizer=tok), None
+
+    path = cfg.init_from
+    model, tok, _ = load_model(path)  # a .pt, a run folder, or hf:DIR
+    if tok is None:
+        raise UserError(f"{path} holds no tokenizer; SFT needs the pretraining tokenizer inside the checkpoint")
+    if cfg.tokenizer_path:
+        check_tokenizer_matches(tok, load_tokenizer(cfg.tokenizer_path), cfg.tokenizer_path, path)
+    # The model's shape wins over the config's (the weights exist already); sequences must fit its context.
+    cfg = dataclasses.replace(cfg, **{k: getattr(model.config, k) for k in SHAPE_KEYS if k != "vocab_size"})
+    source = SFTSource(cfg, tokenizer=tok)
+    added = resize_vocabulary(model, source.vocab_size)
+    if added:
+        print(f"added chat tokens {added} to the tokenizer; embedding/lm_head rows initialised to the mean row")
+    # The trainer gets the (resized) model itself; init_from=scratch stops it from reloading the old weights.
+    cfg = dataclasses.replace(cfg, init_from="scratch", vocab_size=model.config.vocab_size)
+    print(f"fine-tuning {path}: {sum(source.trained_tokens.values())} trained tokens in "
+          f"{len(source.rows['train'].x)} train / {len(source.rows['val'].x)} val conversations "
+          f"(dropped, no assistant token within context: {source.dropped})")
+    model.train()
+    return cfg, source, model
+
+
+def run(args: argparse.Namespace) -> int:
+    from diyllm.training.config import load_config
+    from diyllm.training.trainer import train
+
+    cfg = load_config(args.config, args.overrides)
+    if args.print_config:
+        print(cfg.to_json())
+        return 0
+    cfg, source, model = prepare_sft(cfg)
+    train(cfg, source=source, model=model)
+    return 0
