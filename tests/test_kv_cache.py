@@ -9,6 +9,7 @@ import torch
 
 from diyllm.generation.generate import ContextFullWarning, generate, iter_steps
 from diyllm.model import DIYConfig, DIYForCausalLM, KVCache
+from diyllm.model.layers import frozen_fused_weights
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
@@ -112,3 +113,25 @@ def test_generation_restores_train_mode_and_leaves_no_grad_state():
         generate(model, [1, 2], 3)
     assert model.training
     assert torch.is_grad_enabled()
+
+
+def test_frozen_fused_weights_give_the_same_logits_and_never_go_stale():
+    model = _model(num_kv_heads=2)
+    separate = _model(num_kv_heads=2, fused_projections=False)
+    separate.load_state_dict(model.state_dict())
+    ids = torch.tensor([[3, 1, 4, 1, 5, 9, 2, 6]])
+    with torch.inference_mode():
+        reference = separate(ids).logits
+        with frozen_fused_weights(model):
+            assert model.layers[0].attn.frozen_fused is not None
+            torch.testing.assert_close(model(ids).logits, reference, rtol=1e-5, atol=1e-5)
+    # dropped on exit: a later change of the weights is seen (no stale copy), with or without grad
+    assert all(m.frozen_fused is None for m in model.modules() if hasattr(m, "frozen_fused"))
+    with torch.no_grad():
+        model.layers[0].ffn.w1.weight.mul_(2)
+        separate.layers[0].ffn.w1.weight.mul_(2)
+        torch.testing.assert_close(model(ids).logits, separate(ids).logits, rtol=1e-5, atol=1e-5)
+    # with gradients on, the live weights are used even inside the block, so they get gradients
+    with frozen_fused_weights(model):
+        model(ids).logits.sum().backward()
+    assert model.layers[0].attn.q_proj.weight.grad is not None

@@ -33,6 +33,7 @@ from torch import nn
 
 from diyllm.generation.sampling import apply_repetition_penalty, sample_next
 from diyllm.model.kv_cache import KVCache
+from diyllm.model.layers import frozen_fused_weights
 
 CONTEXT_MODES = ("slide", "stop")
 
@@ -100,8 +101,9 @@ def iter_steps(
     was_training = model.training
     model.eval()
     try:
-        yield from _decode(model, prompts, max_new_tokens, temperature, top_k, top_p, repetition_penalty,
-                           tuple(stop_ids), seed, use_cache, context, vocab_limit)
+        with frozen_fused_weights(model):  # stack q|k|v and w1|w3 once, not at every step
+            yield from _decode(model, prompts, max_new_tokens, temperature, top_k, top_p, repetition_penalty,
+                               tuple(stop_ids), seed, use_cache, context, vocab_limit)
     finally:
         model.train(was_training)
 

@@ -15,7 +15,7 @@ from torch import nn
 
 from diyllm.model.config import DIYConfig
 from diyllm.model.kv_cache import KVCache
-from diyllm.model.layers import Linear
+from diyllm.model.layers import Linear, fused_weight
 from diyllm.model.rope import RotaryEmbedding, apply_rotary
 
 
@@ -73,6 +73,10 @@ class CausalSelfAttention(nn.Module):
         self.v_proj = Linear(d, self.num_kv_heads * self.head_dim)
         self.output_proj = Linear(self.num_heads * self.head_dim, d)
         self.rope = rope
+        self.frozen_fused: torch.Tensor | None = None  # set by frozen_fused_weights
+
+    def fused_parts(self) -> list[Linear]:
+        return [self.q_proj, self.k_proj, self.v_proj]
 
     def forward(
         self,
@@ -81,31 +85,34 @@ class CausalSelfAttention(nn.Module):
         attn_mask: torch.Tensor | None = None,
         kv_cache: KVCache | None = None,
         layer_idx: int = 0,
+        rotary: tuple[torch.Tensor, torch.Tensor] | None = None,
     ) -> torch.Tensor:
         """x: (B, T, d_model). positions: (T,) or (B, T), default 0..T-1 after what the cache holds.
 
         attn_mask, when given, is the complete boolean mask (True = may attend), broadcastable to
         (B, heads, T, keys); without it the mask is causal (offset by the cached tokens).
+        rotary: the RoPE (cos, sin) for these tokens from `rotary_for`; the model computes them once
+        per forward for all its layers, a standalone attention module computes its own.
         """
         B, T, _ = x.shape
         H, Hkv, D = self.num_heads, self.num_kv_heads, self.head_dim
-        if self.fused:
-            w = torch.cat([self.q_proj.weight, self.k_proj.weight, self.v_proj.weight])
-            q, k, v = (x @ w.t()).split([H * D, Hkv * D, Hkv * D], dim=-1)
-        else:
-            q, k, v = self.q_proj(x), self.k_proj(x), self.v_proj(x)
-        q = q.view(B, T, H, D).transpose(1, 2)  # (B, H, T, D)
-        k = k.view(B, T, Hkv, D).transpose(1, 2)
-        v = v.view(B, T, Hkv, D).transpose(1, 2)
-
         past = kv_cache.length if kv_cache is not None else 0
-        if self.rope is not None:
-            if positions is None and past:
-                positions = torch.arange(past, past + T, device=x.device)
-            cos, sin = self.rope.cos_sin(positions, T)
-            if cos.dim() == 3:  # per-row positions (B, T, D/2): add the head axis
-                cos, sin = cos[:, None], sin[:, None]
-            q, k = apply_rotary(q, cos, sin), apply_rotary(k, cos, sin)
+        if rotary is None and self.rope is not None:
+            rotary = rotary_for(self.rope, positions, T, past)
+        wqkv = fused_weight(self)
+        if wqkv is not None:
+            qkv = (x @ wqkv.t()).view(B, T, H + 2 * Hkv, D)
+            qk, v = qkv[:, :, : H + Hkv], qkv[:, :, H + Hkv :]
+            if rotary is not None:  # q and k side by side: one rotation for both
+                qk = apply_rotary(qk, *rotary)
+            q, k = qk[:, :, :H], qk[:, :, H:]
+        else:
+            q, k = self.q_proj(x).view(B, T, H, D), self.k_proj(x).view(B, T, Hkv, D)
+            v = self.v_proj(x).view(B, T, Hkv, D)
+            if rotary is not None:
+                q, k = apply_rotary(q, *rotary), apply_rotary(k, *rotary)
+        q, k, v = q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2)  # (B, heads, T, D)
+
         if kv_cache is not None:
             k, v = kv_cache.update(layer_idx, k, v)
         if Hkv != H:  # give every query head its group's k/v head
@@ -126,3 +133,12 @@ class CausalSelfAttention(nn.Module):
             y = scaled_dot_product_attention(q, k, v, mask=mask, dropout_p=dropout_p)
         y = y.transpose(1, 2).reshape(B, T, H * D)
         return self.output_proj(y)
+
+
+def rotary_for(
+    rope: RotaryEmbedding, positions: torch.Tensor | None, seq_len: int, past: int = 0
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """RoPE cos/sin for q/k laid out (B, T, heads, D): shape (T, 1, D/2), or (B, T, 1, D/2) for per-row
+    positions. Without explicit positions the tokens sit right after the `past` cached ones."""
+    cos, sin = rope.cos_sin(positions, seq_len, offset=past)
+    return cos.unsqueeze(-2), sin.unsqueeze(-2)

@@ -24,6 +24,8 @@ class KVCache:
         self.k = torch.zeros(shape, device=device, dtype=dtype)
         self.v = torch.zeros(shape, device=device, dtype=dtype)
         self.max_len = max_len
+        # Per-layer views of the buffers, so a decode step writes with one narrow + copy_ per tensor.
+        self._k_layers, self._v_layers = self.k.unbind(0), self.v.unbind(0)
         self.length = 0  # tokens stored so far (the same for every layer once a forward completes)
 
     @classmethod
@@ -41,9 +43,10 @@ class KVCache:
                 f"KV cache full: {end} tokens > max_len={self.max_len} (the model's context_length); "
                 "stop generation earlier or slide the window"
             )
-        self.k[layer_idx, :, :, start:end] = k
-        self.v[layer_idx, :, :, start:end] = v
-        return self.k[layer_idx, :, :, :end], self.v[layer_idx, :, :, :end]
+        k_all, v_all = self._k_layers[layer_idx], self._v_layers[layer_idx]
+        k_all.narrow(2, start, end - start).copy_(k)
+        v_all.narrow(2, start, end - start).copy_(v)
+        return k_all.narrow(2, 0, end), v_all.narrow(2, 0, end)
 
     def advance(self, num_tokens: int) -> None:
         """Called by the model after every layer has stored its k/v for this forward."""

@@ -26,12 +26,16 @@ class RotaryEmbedding(nn.Module):
         self.register_buffer("cos", angles.cos().float(), persistent=False)
         self.register_buffer("sin", angles.sin().float(), persistent=False)
 
-    def cos_sin(self, token_positions: torch.Tensor | None, seq_len: int) -> tuple[torch.Tensor, torch.Tensor]:
-        """cos/sin of shape (..., seq_len, d_k/2) for the given positions (0..seq_len-1 when None)."""
+    def cos_sin(
+        self, token_positions: torch.Tensor | None, seq_len: int, offset: int = 0
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """cos/sin of shape (..., seq_len, d_k/2) for the given positions (offset..offset+seq_len-1 when None)."""
         if token_positions is None:
-            if seq_len > self.max_seq_len:
-                raise ValueError(f"sequence of {seq_len} tokens exceeds RoPE max_seq_len={self.max_seq_len}")
-            return self.cos[:seq_len], self.sin[:seq_len]
+            if offset + seq_len > self.max_seq_len:
+                raise ValueError(
+                    f"positions up to {offset + seq_len} exceed RoPE max_seq_len={self.max_seq_len}"
+                )
+            return self.cos[offset : offset + seq_len], self.sin[offset : offset + seq_len]
         return self.cos[token_positions], self.sin[token_positions]
 
     def forward(self, x: torch.Tensor, token_positions: torch.Tensor | None = None) -> torch.Tensor:
@@ -50,7 +54,9 @@ def apply_rotary(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch
         if x.storage_offset() % 2 or any(st % 2 for st in pairs.stride()[:-1]):
             pairs = pairs.contiguous()  # view_as_complex needs whole (re, im) pairs in memory
         pairs = torch.view_as_complex(pairs)
-        rotation = torch.complex(cos.to(x.dtype), sin.to(x.dtype))
+        if cos.dtype != x.dtype:
+            cos, sin = cos.to(x.dtype), sin.to(x.dtype)
+        rotation = torch.complex(cos, sin)
         return torch.view_as_real(pairs * rotation).flatten(-2)
     cos, sin = cos.to(x.dtype), sin.to(x.dtype)
     x_even, x_odd = x[..., 0::2], x[..., 1::2]

@@ -15,7 +15,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from diyllm.model.attention import CausalSelfAttention
+from diyllm.model.attention import CausalSelfAttention, rotary_for
 from diyllm.model.config import DIYConfig
 from diyllm.model.kv_cache import KVCache
 from diyllm.model.layers import Embedding, Linear, RMSNorm, SwiGLU
@@ -47,10 +47,14 @@ class TransformerBlock(nn.Module):
         attn_mask: torch.Tensor | None = None,
         kv_cache: KVCache | None = None,
         layer_idx: int = 0,
+        rotary: tuple[torch.Tensor, torch.Tensor] | None = None,
     ) -> torch.Tensor:
-        h = self.attn(self.ln1(x), positions, attn_mask, kv_cache, layer_idx)
-        x = x + F.dropout(h, self.dropout, self.training)
-        return x + F.dropout(self.ffn(self.ln2(x)), self.dropout, self.training)
+        h = self.attn(self.ln1(x), positions, attn_mask, kv_cache, layer_idx, rotary)
+        x = x + self._drop(h)
+        return x + self._drop(self.ffn(self.ln2(x)))
+
+    def _drop(self, h: torch.Tensor) -> torch.Tensor:
+        return F.dropout(h, self.dropout) if self.training and self.dropout else h
 
 
 class DIYForCausalLM(nn.Module):
@@ -59,8 +63,8 @@ class DIYForCausalLM(nn.Module):
         self.config = config
         self.token_embeddings = Embedding(config.vocab_size, config.d_model)
         # One RoPE table shared by every layer (its buffers are not saved in the state_dict).
-        rope = RotaryEmbedding(config.rope_theta, config.head_dim, config.context_length)
-        self.layers = nn.ModuleList(TransformerBlock(config, rope) for _ in range(config.num_layers))
+        self.rope = RotaryEmbedding(config.rope_theta, config.head_dim, config.context_length)
+        self.layers = nn.ModuleList(TransformerBlock(config, self.rope) for _ in range(config.num_layers))
         self.ln_final = RMSNorm(config.d_model, eps=config.norm_eps)
         self.lm_head = Linear(config.d_model, config.vocab_size)
         if config.init_std is not None:
@@ -97,9 +101,12 @@ class DIYForCausalLM(nn.Module):
         last position (generation needs nothing else)."""
         self._check_input(input_ids, kv_cache)
         x = self.token_embeddings(input_ids)
-        x = F.dropout(x, self.config.dropout, self.training)
+        if self.training and self.config.dropout:
+            x = F.dropout(x, self.config.dropout)
+        # RoPE's cos/sin depend only on the positions: look them up once for all layers.
+        rotary = rotary_for(self.rope, positions, input_ids.shape[1], kv_cache.length if kv_cache is not None else 0)
         for i, layer in enumerate(self.layers):
-            x = layer(x, positions, attn_mask, kv_cache, i)
+            x = layer(x, positions, attn_mask, kv_cache, i, rotary)
         if kv_cache is not None:
             kv_cache.advance(input_ids.shape[1])
         x = self.ln_final(x)
@@ -122,7 +129,8 @@ class DIYForCausalLM(nn.Module):
         # torch.compile (an out-of-range id still fails there, as a device-side assert).
         if torch.compiler.is_compiling() or (input_ids.is_cuda and self.training):
             return
-        if input_ids.numel() and (int(input_ids.min()) < 0 or int(input_ids.max()) >= self.config.vocab_size):
+        lo, hi = torch.aminmax(input_ids) if input_ids.numel() else (0, 0)
+        if int(lo) < 0 or int(hi) >= self.config.vocab_size:
             bad = input_ids[(input_ids < 0) | (input_ids >= self.config.vocab_size)][0].item()
             raise ValueError(
                 f"token id {bad} is out of range for vocab_size={self.config.vocab_size}; "
