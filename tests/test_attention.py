@@ -101,6 +101,10 @@ def test_fused_and_separate_projections_agree():
     fused.load_state_dict(separate.state_dict())
     x = torch.randn(2, 5, 32)
     torch.testing.assert_close(fused(x), separate(x))
+    fused(x).square().sum().backward()
+    separate(x).square().sum().backward()
+    for name, p in fused.named_parameters():  # the gradient reaches each stacked weight unchanged
+        torch.testing.assert_close(p.grad, separate.get_parameter(name).grad, rtol=1e-5, atol=1e-6)
 
 
 def test_gqa_with_all_heads_equals_mha_and_repeats_kv_heads():

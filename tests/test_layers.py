@@ -7,7 +7,7 @@ import torch
 import torch.nn.functional as F
 
 from diyllm.model.config import default_d_ff
-from diyllm.model.layers import Embedding, Linear, RMSNorm, SwiGLU, silu
+from diyllm.model.layers import Embedding, Linear, RMSNorm, SwiGLU, fused_weight, silu
 
 
 def test_linear_matches_f_linear_and_has_spec_init():
@@ -44,7 +44,7 @@ def test_silu_matches_f_silu():
     torch.testing.assert_close(silu(x), F.silu(x))
 
 
-@pytest.mark.parametrize("fused", [True, False])
+@pytest.mark.parametrize("fused", [True, False, None])
 def test_swiglu_matches_formula(fused):
     ffn = SwiGLU(24, 64, fused=fused)
     x = torch.randn(2, 5, 24)
@@ -52,6 +52,17 @@ def test_swiglu_matches_formula(fused):
     expected = F.linear(F.silu(F.linear(x, w1)) * F.linear(x, w3), w2)
     torch.testing.assert_close(ffn(x), expected)
     assert w1.shape == (64, 24) and w2.shape == (24, 64) and w3.shape == (64, 24)
+
+
+def test_fused_weight_is_stacked_only_where_it_pays():
+    ffn = SwiGLU(8, 16)  # fused=None: stack on accelerators, separate matmuls on CPU
+    assert fused_weight(ffn) is None
+    ffn.fused = True
+    torch.testing.assert_close(fused_weight(ffn), torch.cat([ffn.w1.weight, ffn.w3.weight]))
+    with torch.no_grad():  # inference: no copy per call (only frozen_fused_weights stacks, once)
+        assert fused_weight(ffn) is None
+    ffn.fused = False
+    assert fused_weight(ffn) is None
 
 
 def test_default_d_ff_is_8_thirds_rounded_to_64():

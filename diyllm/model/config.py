@@ -31,7 +31,8 @@ class DIYConfig:
     dropout: float = 0.0
     tie_embeddings: bool = False
     attn_impl: str = "sdpa"  # "sdpa": torch's fused kernels; "diy": the from-scratch reference
-    fused_projections: bool = True  # one matmul for q|k|v and for w1|w3 (same weights, same keys)
+    # One matmul for q|k|v and for w1|w3 (same weights, same keys): True, False, or None = on GPU only.
+    fused_projections: bool | None = None
     init_std: float | None = None  # None: per-layer init (see layers.py); a float: GPT-2 style N(0, std)
 
     def __post_init__(self) -> None:

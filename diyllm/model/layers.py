@@ -79,11 +79,11 @@ def silu(x: torch.Tensor) -> torch.Tensor:
 class SwiGLU(nn.Module):
     """Gated feed-forward: w2(silu(w1 x) ⊙ w3 x). The gate w3 lets each unit scale its own output.
 
-    With `fused=True` w1 and w3 run as one matmul on their stacked weights (see `fused_weight`);
-    the parameters and state_dict keys are the same either way.
+    w1 and w3 may run as one matmul on their stacked weights (`fused`, see `fused_weight`); the
+    parameters and state_dict keys are the same either way.
     """
 
-    def __init__(self, d_model: int, d_ff: int, fused: bool = True, device=None, dtype=None):
+    def __init__(self, d_model: int, d_ff: int, fused: bool | None = None, device=None, dtype=None):
         super().__init__()
         self.fused = fused
         self.frozen_fused: torch.Tensor | None = None  # set by frozen_fused_weights
@@ -107,17 +107,21 @@ def fused_weight(module: nn.Module) -> torch.Tensor | None:
     """The weights of `module.fused_parts()` stacked into one matrix, or None when separate matmuls
     are the cheaper choice.
 
-    One large matmul beats several small ones, but stacking copies the weights. With gradients on
-    (training) the weights change every step, so they are stacked on every call: with many tokens per
-    call the copy is cheap next to the matmul. Without gradients (inference, often one token per call)
-    the copy would cost more than it saves, so the stack is used only when `frozen_fused_weights` made
-    one for the whole generation.
+    One large matmul launches fewer kernels than several small ones, but stacking copies the weights
+    and makes the outputs strided views. `module.fused`: True always stacks in training, False never,
+    None (the default) stacks on accelerators only: on CPU the separate matmuls measured faster
+    (benchmarks/bench_train.py: about 10% on the d_model=384 shape). Without gradients (inference,
+    often one token per call) a copy per call would cost more than it saves, so the stack is used only
+    when `frozen_fused_weights` made one for a whole generation.
     """
-    if not module.fused:
+    if module.fused is False:
         return None
-    if torch.is_grad_enabled():
-        return torch.cat([part.weight for part in module.fused_parts()])
-    return module.frozen_fused
+    if not torch.is_grad_enabled():
+        return module.frozen_fused
+    parts = module.fused_parts()
+    if module.fused is None and parts[0].weight.device.type == "cpu":
+        return None
+    return torch.cat([part.weight for part in parts])
 
 
 @contextmanager
@@ -127,11 +131,11 @@ def frozen_fused_weights(model: nn.Module) -> Iterator[None]:
     The stacks are copies: changing the weights inside the block is not seen, and they are dropped on
     exit (for a moment they double the memory of the stacked weights).
     """
-    modules = [m for m in model.modules() if getattr(m, "fused", False) and hasattr(m, "fused_parts")]
+    modules = [m for m in model.modules() if hasattr(m, "fused_parts") and m.fused is not False]
     saved = [m.frozen_fused for m in modules]
     with torch.no_grad():
         for m in modules:
-            m.frozen_fused = torch.cat([part.weight for part in m.fused_parts()]).t().contiguous().t()
+            m.frozen_fused = torch.cat([part.weight for part in m.fused_parts()])
     try:
         yield
     finally:

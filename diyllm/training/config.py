@@ -51,7 +51,7 @@ class TrainConfig:
     dropout: float = 0.0
     tie_embeddings: bool = False
     attn_impl: str = "sdpa"
-    fused_projections: bool = True
+    fused_projections: bool | None = None  # None: fused on GPU, separate matmuls on CPU (faster there)
     init_std: float | None = None  # None: per-layer init; a float: GPT-2 style N(0, std)
     # ---- data ----
     data_dir: str = "data/shakespeare_char"
