@@ -129,7 +129,7 @@ def frozen_fused_weights(model: nn.Module) -> Iterator[None]:
     """Stack every fused module's weights once, for no-grad use (generation) inside the block.
 
     The stacks are copies: changing the weights inside the block is not seen, and they are dropped on
-    exit (for a moment they double the memory of the stacked weights).
+    exit. While the block runs they take as much memory again as the q/k/v and w1/w3 weights.
     """
     modules = [m for m in model.modules() if hasattr(m, "fused_parts") and m.fused is not False]
     saved = [m.frozen_fused for m in modules]
