@@ -5,8 +5,8 @@
     python benchmarks/bench_generate.py --quick          # a tiny model, for a smoke run
 
 Shapes (vocab 4096, context 512 so that prompt + new tokens fit without sliding):
-  * small:  d_model 128, 4 layers, 4 heads, d_ff 344 (the shape of the shipped CPU configs, 2.4M params)
-  * medium: d_model 384, 6 layers, 6 heads, d_ff 1024 (12M params)
+  * small:  d_model 128, 4 layers, 4 heads, d_ff 344 (the shape of the shipped CPU configs, 1.8M params)
+  * medium: d_model 384, 6 layers, 6 heads, d_ff 1024 (13.8M params)
 Greedy decoding of --new tokens after a --prompt-token prompt, batch 1, float32 on CPU. The three
 contenders run interleaved round by round (the machine may be shared), and the medians are compared:
   * cache speedup = diyllm with KV cache / diyllm without cache (target >= 5x)

@@ -96,9 +96,8 @@ class CausalSelfAttention(nn.Module):
         """
         B, T, _ = x.shape
         H, Hkv, D = self.num_heads, self.num_kv_heads, self.head_dim
-        past = kv_cache.length if kv_cache is not None else 0
         if rotary is None and self.rope is not None:
-            rotary = rotary_for(self.rope, positions, T, past)
+            rotary = rotary_for(self.rope, positions, T, kv_cache.length if kv_cache is not None else 0)
         wqkv = fused_weight(self)
         if wqkv is not None:
             qkv = (x @ wqkv.t()).view(B, T, H + 2 * Hkv, D)

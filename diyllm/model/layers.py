@@ -118,10 +118,14 @@ def fused_weight(module: nn.Module) -> torch.Tensor | None:
         return None
     if not torch.is_grad_enabled():
         return module.frozen_fused
-    parts = module.fused_parts()
-    if module.fused is None and parts[0].weight.device.type == "cpu":
+    if module.fused is None and module.fused_parts()[0].weight.device.type == "cpu":
         return None
-    return torch.cat([part.weight for part in parts])
+    return stacked_weight(module)
+
+
+def stacked_weight(module: nn.Module) -> torch.Tensor:
+    """The weights of `module.fused_parts()` concatenated along the output dimension, in order."""
+    return torch.cat([part.weight for part in module.fused_parts()])
 
 
 @contextmanager
@@ -135,7 +139,7 @@ def frozen_fused_weights(model: nn.Module) -> Iterator[None]:
     saved = [m.frozen_fused for m in modules]
     with torch.no_grad():
         for m in modules:
-            m.frozen_fused = torch.cat([part.weight for part in m.fused_parts()])
+            m.frozen_fused = stacked_weight(m)
     try:
         yield
     finally:
