@@ -48,7 +48,8 @@ def test_unknown_key_in_file_names_the_file(tmp_path):
     ("--max_iters=abc", "expects an integer"),
     ("--max_iters=1.5", "expects an integer"),
     ("--learning_rate=fast", "expects a number"),
-    ("--compile=maybe", "expects true/false"),
+    ("--compile=maybe", r"expects true/false \(or 1/0\), got"),
+    ("--fused_projections=maybe", r"expects true/false \(or 1/0, or none\)"),
 ])
 def test_bad_values_on_command_line(override, expected):
     with pytest.raises(UserError, match=expected):

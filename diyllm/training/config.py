@@ -321,7 +321,7 @@ def coerce(raw: Any, tp: Any, key: str, source: str, from_text: bool) -> Any:
             return bool(raw)
         if isinstance(raw, str) and raw.strip().lower() in TRUE_WORDS + FALSE_WORDS:
             return raw.strip().lower() in TRUE_WORDS
-        raise bad("true/false (or 1/0)")
+        raise bad("true/false (or 1/0" + (", or none)" if _optional(tp) else ")"))
     if base is int:
         if isinstance(raw, bool):
             raise bad("an integer")
