@@ -15,6 +15,7 @@ import torch.multiprocessing as mp
 
 from diyllm.training.checkpoint import read_checkpoint
 from diyllm.training.config import TrainConfig
+from diyllm.training.distributed import finish_worker
 from diyllm.training.metrics import read_metrics
 from diyllm.training.trainer import Trainer
 
@@ -73,6 +74,7 @@ def _grad_worker(rank: int, world: int, port: int, out_dir: str) -> None:
         trainer.close()
     finally:
         dist.destroy_process_group()
+    finish_worker(0)  # skip interpreter teardown, which can abort a gloo worker (see finish_worker)
 
 
 def free_port() -> int:

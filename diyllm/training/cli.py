@@ -38,7 +38,8 @@ def run(args: argparse.Namespace) -> int:
     if args.print_config:
         print(cfg.to_json())
         return 0
+    from diyllm.training.distributed import finish_worker
     from diyllm.training.trainer import train
 
     train(cfg)
-    return 0
+    return finish_worker(0)

@@ -120,6 +120,7 @@ def prepare_sft(cfg: Any) -> tuple[Any, Any, nn.Module | None]:
 
 def run(args: argparse.Namespace) -> int:
     from diyllm.training.config import load_config
+    from diyllm.training.distributed import finish_worker
     from diyllm.training.trainer import train
 
     cfg = load_config(args.config, args.overrides)
@@ -128,4 +129,4 @@ def run(args: argparse.Namespace) -> int:
         return 0
     cfg, source, model = prepare_sft(cfg)
     train(cfg, source=source, model=model)
-    return 0
+    return finish_worker(0)
