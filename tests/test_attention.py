@@ -6,7 +6,7 @@ import torch.nn.functional as F
 
 from diyllm.model import DIYConfig
 from diyllm.model.attention import CausalSelfAttention, causal_mask, scaled_dot_product_attention, softmax
-from diyllm.model.rope import RotaryEmbedding
+from diyllm.model.rope import RotaryEmbedding, apply_rotary
 
 
 def test_softmax_matches_and_is_stable():
@@ -55,6 +55,33 @@ def test_rope_matches_complex_formulation():
     torch.testing.assert_close(rope(x, positions), rope_complex_reference(x, positions, 10000.0))
     # default positions are 0..T-1
     torch.testing.assert_close(rope(x), rope_complex_reference(x, torch.arange(9), 10000.0))
+
+
+def test_apply_rotary_handles_any_memory_layout_and_a_shared_rotation():
+    # The eager path multiplies complex views, which need whole (re, im) pairs in memory; any other
+    # layout must give the same numbers (it is copied first), with or without a precomputed rotation.
+    rope = RotaryEmbedding(theta=10000.0, d_k=16, max_seq_len=64)
+    positions = torch.arange(5)
+    cos, sin = rope.cos_sin(positions, 5)
+    base = torch.randn(3, 5, 17)
+    layouts = {
+        "contiguous": base[..., :16].contiguous(),
+        "odd storage offset": base[..., 1:],
+        "last dim strided": torch.randn(3, 16, 5).transpose(1, 2),
+    }
+    for name, x in layouts.items():
+        expected = rope_complex_reference(x, positions, 10000.0)
+        torch.testing.assert_close(apply_rotary(x, cos, sin), expected, msg=name)
+        shared = torch.complex(cos, sin)
+        torch.testing.assert_close(apply_rotary(x, cos, sin, shared), expected, msg=name)
+        # a rotation of another precision is not used as is: the result keeps x's dtype
+        out = apply_rotary(x, cos, sin, shared.to(torch.complex128))
+        assert out.dtype == x.dtype
+        torch.testing.assert_close(out, expected, msg=name)
+    # bf16 takes the real-arithmetic path
+    x = layouts["contiguous"]
+    torch.testing.assert_close(apply_rotary(x.bfloat16(), cos, sin).float(),
+                               rope_complex_reference(x, positions, 10000.0), atol=0.05, rtol=0.02)
 
 
 def test_rope_preserves_norm_and_makes_scores_relative():

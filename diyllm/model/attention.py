@@ -8,6 +8,7 @@ memory-efficient kernels on GPU. Tests prove the two agree.
 from __future__ import annotations
 
 import math
+from typing import NamedTuple
 
 import torch
 import torch.nn.functional as F
@@ -54,6 +55,29 @@ def causal_mask(num_queries: int, num_keys: int, device: torch.device | None = N
     return torch.arange(num_keys, device=device)[None, :] <= q_idx
 
 
+class RotaryAngles(NamedTuple):
+    """RoPE angles of the tokens in one forward, looked up once and shared by every layer.
+
+    cos/sin: (T, 1, D/2), or (B, T, 1, D/2) for per-row positions (q/k are laid out (B, T, heads, D)).
+    rotation: cos + i·sin for the eager complex-multiply path; None where that path is not taken.
+    """
+
+    cos: torch.Tensor
+    sin: torch.Tensor
+    rotation: torch.Tensor | None
+
+
+def rotary_for(
+    rope: RotaryEmbedding, positions: torch.Tensor | None, seq_len: int, past: int = 0
+) -> RotaryAngles:
+    """RoPE angles for `seq_len` tokens at `positions`; without explicit positions the tokens sit right
+    after the `past` cached ones."""
+    cos, sin = rope.cos_sin(positions, seq_len, offset=past)
+    cos, sin = cos.unsqueeze(-2), sin.unsqueeze(-2)
+    eager = cos.dtype in (torch.float32, torch.float64) and not torch.compiler.is_compiling()
+    return RotaryAngles(cos, sin, torch.complex(cos, sin) if eager else None)
+
+
 class CausalSelfAttention(nn.Module):
     """Multi-head attention where token t sees tokens 0..t, with RoPE on q and k.
 
@@ -85,13 +109,13 @@ class CausalSelfAttention(nn.Module):
         attn_mask: torch.Tensor | None = None,
         kv_cache: KVCache | None = None,
         layer_idx: int = 0,
-        rotary: tuple[torch.Tensor, torch.Tensor] | None = None,
+        rotary: RotaryAngles | None = None,
     ) -> torch.Tensor:
         """x: (B, T, d_model). positions: (T,) or (B, T), default 0..T-1 after what the cache holds.
 
         attn_mask, when given, is the complete boolean mask (True = may attend), broadcastable to
         (B, heads, T, keys); without it the mask is causal (offset by the cached tokens).
-        rotary: the RoPE (cos, sin) for these tokens from `rotary_for`; the model computes them once
+        rotary: the RoPE angles of these tokens from `rotary_for`; the model looks them up once
         per forward for all its layers, a standalone attention module computes its own.
         """
         B, T, _ = x.shape
@@ -118,26 +142,17 @@ class CausalSelfAttention(nn.Module):
             k = k.repeat_interleave(H // Hkv, dim=1)
             v = v.repeat_interleave(H // Hkv, dim=1)
 
-        num_keys = k.shape[2]
-        is_causal = attn_mask is None and num_keys == T
-        mask = attn_mask
-        if mask is None and not is_causal and T > 1:
-            mask = causal_mask(T, num_keys, x.device)
+        # Without a mask: causal when queries and keys are the same tokens; one new token (decoding)
+        # may see every cached key, so it needs no mask at all.
+        mask, is_causal = attn_mask, attn_mask is None and T > 1
+        if is_causal and k.shape[2] != T:  # several new tokens after cached ones: causal, offset
+            mask, is_causal = causal_mask(T, k.shape[2], x.device), False
         dropout_p = self.dropout if self.training else 0.0
         if self.attn_impl == "sdpa":
-            y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=is_causal, dropout_p=dropout_p)
+            y = F.scaled_dot_product_attention(q, k, v, mask, dropout_p, is_causal)
         else:
             if is_causal:
-                mask = causal_mask(T, num_keys, x.device)
-            y = scaled_dot_product_attention(q, k, v, mask=mask, dropout_p=dropout_p)
+                mask = causal_mask(T, T, x.device)
+            y = scaled_dot_product_attention(q, k, v, mask, dropout_p)
         y = y.transpose(1, 2).reshape(B, T, H * D)
         return self.output_proj(y)
-
-
-def rotary_for(
-    rope: RotaryEmbedding, positions: torch.Tensor | None, seq_len: int, past: int = 0
-) -> tuple[torch.Tensor, torch.Tensor]:
-    """RoPE cos/sin for q/k laid out (B, T, heads, D): shape (T, 1, D/2), or (B, T, 1, D/2) for per-row
-    positions. Without explicit positions the tokens sit right after the `past` cached ones."""
-    cos, sin = rope.cos_sin(positions, seq_len, offset=past)
-    return cos.unsqueeze(-2), sin.unsqueeze(-2)

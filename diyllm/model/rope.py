@@ -44,19 +44,24 @@ class RotaryEmbedding(nn.Module):
         return apply_rotary(x, cos, sin)
 
 
-def apply_rotary(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
-    """Rotate each interleaved pair (x[2k], x[2k+1]) by the angle whose cos/sin are given for pair k."""
-    if x.dtype in (torch.float32, torch.float64) and x.stride(-1) == 1 and not torch.compiler.is_compiling():
+def apply_rotary(
+    x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, rotation: torch.Tensor | None = None
+) -> torch.Tensor:
+    """Rotate each interleaved pair (x[2k], x[2k+1]) by the angle whose cos/sin are given for pair k.
+
+    `rotation` (optional) is cos + i·sin as a complex tensor, computed once by the caller when many
+    tensors share the same angles (every layer of one forward does).
+    """
+    if x.dtype in (torch.float32, torch.float64) and not torch.compiler.is_compiling():
         # Eager fast path, same arithmetic: a pair (a, b) is the complex number a + ib, and rotating it by θ
         # is multiplying by cos θ + i sin θ. One complex multiply replaces slicing, four products and a
         # stack. Under torch.compile the real form below is better: inductor fuses it, but not complex ops.
-        pairs = x.unflatten(-1, (-1, 2))
-        if x.storage_offset() % 2 or any(st % 2 for st in pairs.stride()[:-1]):
-            pairs = pairs.contiguous()  # view_as_complex needs whole (re, im) pairs in memory
-        pairs = torch.view_as_complex(pairs)
-        if cos.dtype != x.dtype:
-            cos, sin = cos.to(x.dtype), sin.to(x.dtype)
-        rotation = torch.complex(cos, sin)
+        try:
+            pairs = torch.view_as_complex(torch.unflatten(x, -1, (-1, 2)))
+        except RuntimeError:  # a (re, im) pair is not whole in memory (odd offset or stride): copy first
+            pairs = torch.view_as_complex(torch.unflatten(x.contiguous(), -1, (-1, 2)))
+        if rotation is None or rotation.dtype != pairs.dtype:
+            rotation = torch.complex(cos.to(x.dtype), sin.to(x.dtype))
         return torch.view_as_real(pairs * rotation).flatten(-2)
     cos, sin = cos.to(x.dtype), sin.to(x.dtype)
     x_even, x_odd = x[..., 0::2], x[..., 1::2]

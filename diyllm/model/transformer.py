@@ -15,7 +15,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from diyllm.model.attention import CausalSelfAttention, rotary_for
+from diyllm.model.attention import CausalSelfAttention, RotaryAngles, rotary_for
 from diyllm.model.config import DIYConfig
 from diyllm.model.kv_cache import KVCache
 from diyllm.model.layers import Embedding, Linear, RMSNorm, SwiGLU
@@ -47,7 +47,7 @@ class TransformerBlock(nn.Module):
         attn_mask: torch.Tensor | None = None,
         kv_cache: KVCache | None = None,
         layer_idx: int = 0,
-        rotary: tuple[torch.Tensor, torch.Tensor] | None = None,
+        rotary: RotaryAngles | None = None,
     ) -> torch.Tensor:
         h = self.attn(self.ln1(x), positions, attn_mask, kv_cache, layer_idx, rotary)
         x = x + self._drop(h)
