@@ -19,6 +19,9 @@ from diyllm.model.kv_cache import KVCache
 from diyllm.model.layers import Linear, fused_weight
 from diyllm.model.rope import RotaryEmbedding, apply_rotary
 
+# enable_gqa (query heads sharing k/v heads without copying them) arrived in torch 2.5.
+_SDPA_HAS_GQA = tuple(int(part) for part in torch.__version__.split(".")[:2]) >= (2, 5)
+
 
 def softmax(x: torch.Tensor, dim: int = -1) -> torch.Tensor:
     """exp(x - max) / sum(exp(x - max)): subtracting the max changes nothing but prevents overflow."""
@@ -138,7 +141,10 @@ class CausalSelfAttention(nn.Module):
 
         if kv_cache is not None:
             k, v = kv_cache.update(layer_idx, k, v)
-        if Hkv != H:  # give every query head its group's k/v head
+        # Grouped-query attention: every query head reads its group's k/v head. SDPA can do that in
+        # place (torch >= 2.5); used when decoding, where copying the whole cache per step is the cost.
+        gqa_in_sdpa = Hkv != H and kv_cache is not None and self.attn_impl == "sdpa" and _SDPA_HAS_GQA
+        if Hkv != H and not gqa_in_sdpa:
             k = k.repeat_interleave(H // Hkv, dim=1)
             v = v.repeat_interleave(H // Hkv, dim=1)
 
@@ -149,7 +155,10 @@ class CausalSelfAttention(nn.Module):
             mask, is_causal = causal_mask(T, k.shape[2], x.device), False
         dropout_p = self.dropout if self.training else 0.0
         if self.attn_impl == "sdpa":
-            y = F.scaled_dot_product_attention(q, k, v, mask, dropout_p, is_causal)
+            if gqa_in_sdpa:
+                y = F.scaled_dot_product_attention(q, k, v, mask, dropout_p, is_causal, enable_gqa=True)
+            else:
+                y = F.scaled_dot_product_attention(q, k, v, mask, dropout_p, is_causal)
         else:
             if is_causal:
                 mask = causal_mask(T, T, x.device)
