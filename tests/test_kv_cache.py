@@ -9,6 +9,7 @@ import torch
 
 from diyllm.generation.generate import ContextFullWarning, generate, iter_steps
 from diyllm.model import DIYConfig, DIYForCausalLM, KVCache
+from diyllm.model.attention import _SDPA_HAS_GQA
 from diyllm.model.layers import frozen_fused_weights
 
 pytestmark = pytest.mark.usefixtures("one_thread")
@@ -41,6 +42,21 @@ def test_cache_matches_no_cache_single_prompt(num_kv_heads, attn_impl):
     with torch.no_grad():
         direct = model(full).logits[0, len(prompt) - 1 : -1]
     torch.testing.assert_close(ref_logits[0], direct, rtol=1e-4, atol=1e-4)
+
+
+@pytest.mark.skipif(not _SDPA_HAS_GQA, reason="SDPA's enable_gqa needs torch >= 2.5")
+def test_gqa_decoding_reads_the_cache_without_copying_it(monkeypatch):
+    # With a cache, SDPA shares each k/v head among its query heads; repeating the heads would copy the
+    # whole cache at every step. Prefill and decode must both go without repeat_interleave.
+    model = _model(num_kv_heads=2)
+    prompt = [3, 14, 15, 9, 26, 5]
+    expected = generate(model, prompt, 8, temperature=0, use_cache=False)
+
+    def refuse(*args, **kwargs):
+        raise AssertionError("repeat_interleave called while decoding with a cache")
+
+    monkeypatch.setattr(torch.Tensor, "repeat_interleave", refuse)
+    assert generate(model, prompt, 8, temperature=0, use_cache=True) == expected
 
 
 @pytest.mark.parametrize("num_kv_heads", [None, 2])
