@@ -1,0 +1,72 @@
+"""Serve a checkpoint over an OpenAI-compatible HTTP API, with a web chat page at /.
+
+  diyllm serve --ckpt runs/sft                        # http://127.0.0.1:8000/ (chat page), /v1/... (API)
+  diyllm serve --ckpt best.pt --port 8080 --model-name mymodel --max-concurrency 8
+  diyllm serve --ckpt runs/sft --host 0.0.0.0 --api-key SECRET   # reachable from other machines
+
+Requests arriving together are decoded as one batch (up to --max-concurrency rows); more wait in a
+first-come-first-served queue of --max-queue requests, beyond which the server answers 503.
+Needs the `serve` extra: pip install -e ".[serve]".
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+
+from diyllm.errors import UserError
+
+LOOPBACK = ("127.0.0.1", "localhost", "::1")
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--ckpt", required=True, help="checkpoint .pt, run folder or hf:DIR")
+    parser.add_argument("--host", default="127.0.0.1", help="address to bind (default loopback only)")
+    parser.add_argument("--port", type=int, default=8000)
+    parser.add_argument("--model-name", default=None, help="the model id clients see (default: from --ckpt)")
+    parser.add_argument("--max-concurrency", type=int, default=16, help="rows decoded together in one batch")
+    parser.add_argument("--max-queue", type=int, default=64, help="requests that may wait for a free row")
+    parser.add_argument("--api-key", default=None, help="require 'Authorization: Bearer KEY' on /v1/*")
+    parser.add_argument("--device", default="auto", help="auto, cpu, cuda, mps")
+    parser.add_argument("--log-level", default="warning", help="uvicorn log level (info shows every request)")
+
+
+def default_model_name(ckpt: str) -> str:
+    path = os.path.normpath(ckpt.removeprefix("hf:"))
+    base = os.path.basename(path)
+    if base.endswith(".pt"):
+        parent = os.path.basename(os.path.dirname(os.path.abspath(path)))
+        return f"{parent}/{base[:-3]}" if parent else base[:-3]
+    return base or "diyllm"
+
+
+def run(args: argparse.Namespace) -> int:
+    try:
+        import uvicorn
+
+        from diyllm.serving.app import create_app
+    except ImportError as exc:
+        raise UserError(f"`diyllm serve` needs the serve extra ({exc.name} is missing): "
+                        'pip install -e ".[serve]"') from None
+    from diyllm.serving.scheduler import BatchScheduler
+    from diyllm.training.checkpoint import load_model
+    from diyllm.training.device import resolve_device
+
+    if args.max_concurrency < 1 or args.max_queue < 0:
+        raise UserError("--max-concurrency must be >= 1 and --max-queue >= 0")
+    if not 0 <= args.port <= 65535:
+        raise UserError(f"--port must be in 0..65535, got {args.port}")
+    model, tokenizer, _ = load_model(args.ckpt, device=resolve_device(args.device))
+    if tokenizer is None:
+        raise UserError(f"{args.ckpt} holds no tokenizer, so requests cannot be encoded")
+    name = args.model_name or default_model_name(args.ckpt)
+    scheduler = BatchScheduler(model, tokenizer, max_batch=args.max_concurrency, max_queue=args.max_queue)
+    app = create_app(scheduler, name, api_key=args.api_key)
+    if args.host not in LOOPBACK and args.api_key is None:
+        print(f"warning: listening on {args.host} without --api-key: anyone who can reach this port can use the "
+              "model", file=sys.stderr)
+    print(f"serving {name} (context {model.config.context_length} tokens, batch up to {args.max_concurrency}) "
+          f"on http://{args.host}:{args.port}/  (API: /v1, Ctrl-C to stop)", flush=True)
+    uvicorn.run(app, host=args.host, port=args.port, log_level=args.log_level)
+    return 0
