@@ -117,6 +117,7 @@ class BatchScheduler:
         self._stopping = False
         self._thread: threading.Thread | None = None
         self.steps = 0  # decode steps run (for /health and tests)
+        self.peak_batch = 0  # most rows ever decoded in one step (> 1 shows batching happened)
 
     # ---- the app's side ----------------------------------------------------------------------------
     def submit(self, request: GenerationRequest) -> None:
@@ -128,7 +129,7 @@ class BatchScheduler:
 
     def stats(self) -> dict[str, int]:
         return {"active_rows": len(self._rows), "waiting_requests": len(self._waiting), "max_batch": self.max_batch,
-                "decode_steps": self.steps}
+                "decode_steps": self.steps, "peak_batch": self.peak_batch}
 
     def start(self) -> None:
         self._thread = threading.Thread(target=self._run, name="diyllm-decode", daemon=True)
@@ -276,3 +277,4 @@ class BatchScheduler:
         out = self.model(ids, positions=positions, attn_mask=mask, kv_cache=view, last_logits_only=True)
         self._logits[:B] = out.logits[:, -1].float()
         self.steps += 1
+        self.peak_batch = max(self.peak_batch, B)
