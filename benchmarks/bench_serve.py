@@ -1,7 +1,7 @@
 """`diyllm serve` under load: 1, 4 and 16 concurrent streaming clients vs sequential `diyllm sample` calls.
 
     python benchmarks/bench_serve.py                    # small CPU shape, 128 new tokens per request
-    python benchmarks/bench_serve.py --new 64 --clients 1 4 16 --shape tiny
+    python benchmarks/bench_serve.py --new 64 --clients 1 4 16 --shape tiny --threads 1
 
 A random model of the chosen shape (byte-level BPE vocabulary, so any text is a prompt) is saved to a
 temporary checkpoint and served on a free loopback port. For each client count N, N threads each send one
@@ -119,8 +119,13 @@ def main() -> None:
     parser.add_argument("--new", type=int, default=128, help="new tokens per request")
     parser.add_argument("--clients", type=int, nargs="+", default=[1, 4, 16])
     parser.add_argument("--sample-calls", type=int, default=3, help="sequential `diyllm sample` calls (peer)")
+    parser.add_argument("--threads", type=int, default=None,
+                        help="OMP_NUM_THREADS for the server and the sample calls (default: torch's choice); on a "
+                        "busy machine 1 avoids threads waiting on each other")
     args = parser.parse_args()
     env = {**os.environ, "PYTHONPATH": os.pathsep.join(sys.path)}
+    if args.threads:
+        env["OMP_NUM_THREADS"] = str(args.threads)
     with tempfile.TemporaryDirectory() as tmp:
         ckpt = make_checkpoint(Path(tmp), args.shape)
         port = free_port()
@@ -141,7 +146,8 @@ def main() -> None:
             server.wait(timeout=30)
         seq, own = sequential_sample(ckpt, args.sample_calls, args.new, env)
     base = rows[0]["aggregate"]
-    print(f"shape {args.shape}, {args.new} new tokens per request, torch threads {torch.get_num_threads()}")
+    threads = args.threads or torch.get_num_threads()
+    print(f"shape {args.shape}, {args.new} new tokens per request, {threads} thread(s) per process")
     print(f"{'clients':>7} {'agg tok/s':>10} {'vs 1':>6} {'tok/s/client':>13} {'req/s':>6} {'TTFT med':>9} "
           f"{'TTFT max':>9}")
     for r in rows:
