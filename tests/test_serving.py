@@ -297,7 +297,7 @@ BAD_REQUESTS = [
     ("/v1/chat/completions", {"messages": [{"role": "user", "content": "hi"}], "max_tokens": -3}, "max_tokens"),
     ("/v1/chat/completions", {"messages": [{"role": "user", "content": "hi"}], "max_tokens": 10**6}, "max_tokens"),
     ("/v1/chat/completions", {"messages": [{"role": "user", "content": "hi"}],
-                              "max_completion_tokens": WIDE_CONTEXT + 1}, "max_tokens"),
+                              "max_completion_tokens": WIDE_CONTEXT + 1}, "max_completion_tokens"),
     ("/v1/chat/completions", {"messages": [{"role": "user", "content": "hi"}], "temperature": -0.5}, "temperature"),
     ("/v1/chat/completions", {"messages": [{"role": "user", "content": "hi"}], "temperature": "hot"},
      "temperature"),
@@ -378,3 +378,29 @@ def test_chat_page_in_a_real_browser(server, tmp_path_factory):
         finally:
             browser.close()
     assert (shots / "chat.png").stat().st_size > 1000
+
+
+# ---- in-process (no server subprocess): API key and a full queue ------------------------------------------
+
+def test_api_key_is_required_when_set_and_a_full_queue_answers_503():
+    from starlette.testclient import TestClient
+
+    from diyllm.model import DIYConfig, DIYForCausalLM
+    from diyllm.serving.app import create_app
+    from diyllm.serving.scheduler import BatchScheduler
+    from diyllm.tokenizers import BPETokenizer
+
+    tok = BPETokenizer({i: bytes([i]) for i in range(256)}, [], special_tokens=["<|endoftext|>"])
+    model = DIYForCausalLM(DIYConfig(vocab_size=257, context_length=32, d_model=32, num_layers=1, num_heads=2))
+    body = {"prompt": "hi", "max_tokens": 3}
+    with TestClient(create_app(BatchScheduler(model, tok), "m", api_key="s3cret")) as http:
+        r = http.get("/v1/models")
+        assert r.status_code == 401 and r.json()["error"]["code"] == "invalid_api_key"
+        assert http.post("/v1/completions", json=body, headers={"Authorization": "Bearer wrong"}).status_code == 401
+        ok = http.post("/v1/completions", json=body, headers={"Authorization": "Bearer s3cret"})
+        assert ok.status_code == 200 and ok.json()["usage"]["completion_tokens"] == 3
+        assert http.get("/health").status_code == 200  # health and the page need no key
+        assert "<title>diyllm chat</title>" in http.get("/").text
+    with TestClient(create_app(BatchScheduler(model, tok, max_queue=0), "m")) as http:
+        r = http.post("/v1/completions", json=body)
+        assert r.status_code == 503 and r.json()["error"]["code"] == "queue_full"

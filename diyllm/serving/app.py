@@ -110,7 +110,7 @@ async def _generate(state: ServerState, request: Request, kind: str) -> Response
     req = parse_request(body, kind)
     prompt_ids = state.prompt_ids(req)
     max_tokens = check_lengths(len(prompt_ids), req.max_tokens, state.context_length,
-                               "messages" if kind == "chat" else "prompt")
+                               "messages" if kind == "chat" else "prompt", req.max_tokens_param)
     loop = asyncio.get_running_loop()
     events: asyncio.Queue = asyncio.Queue()
 

@@ -39,6 +39,7 @@ class ParsedRequest:
     messages: list[dict] | None = None
     prompt: str | list[int] | None = None
     max_tokens: int | None = None
+    max_tokens_param: str = "max_tokens"  # or max_completion_tokens: the name errors report
     options: dict[str, Any] = field(default_factory=dict)  # GenerationRequest fields
     stop_strings: tuple[str, ...] = ()
     stream: bool = False
@@ -147,7 +148,7 @@ def parse_request(body: Any, kind: str) -> ParsedRequest:
         if value not in (None, False, [], 0):
             raise APIError(f"'{unsupported}' is not supported by this server", unsupported)
     key = "max_completion_tokens" if body.get("max_completion_tokens") is not None else "max_tokens"
-    req.max_tokens = _integer(body, key, 1)
+    req.max_tokens, req.max_tokens_param = _integer(body, key, 1), key
     req.options = dict(
         temperature=_number(body, "temperature", 0.0, 2.0, 1.0),
         top_p=_number(body, "top_p", 0.0, 1.0, None, lo_open=True),
@@ -174,7 +175,7 @@ def parse_request(body: Any, kind: str) -> ParsedRequest:
 
 
 def check_lengths(prompt_tokens: int, max_tokens: int | None, context_length: int,
-                  prompt_param: str = "messages") -> int:
+                  prompt_param: str = "messages", max_tokens_param: str = "max_tokens") -> int:
     """The max_tokens to use: as asked, or all the room the context leaves. 400 when it does not fit."""
     if prompt_tokens >= context_length:
         raise APIError(f"the prompt is {prompt_tokens} tokens, but this model's context window is {context_length} "
@@ -185,7 +186,7 @@ def check_lengths(prompt_tokens: int, max_tokens: int | None, context_length: in
         return room
     if max_tokens > room:
         raise APIError(f"max_tokens={max_tokens} does not fit: the prompt is {prompt_tokens} tokens and the context "
-                       f"window {context_length}, so at most {room} new tokens fit", "max_tokens",
+                       f"window {context_length}, so at most {room} new tokens fit", max_tokens_param,
                        code="context_length_exceeded")
     return max_tokens
 
