@@ -321,6 +321,12 @@ def test_bad_input_is_a_400_with_an_openai_error_object(server, path, body, para
     assert "Traceback" not in reply["error"]["message"]
 
 
+def test_a_second_server_on_a_taken_port_is_one_error_line(server, checkpoint):
+    p = _cli("serve", "--ckpt", str(checkpoint), "--port", str(server), timeout=120)
+    assert p.returncode == 2 and p.stderr.strip().startswith(f"error: cannot listen on 127.0.0.1:{server}")
+    assert "Traceback" not in p.stderr
+
+
 def test_server_survives_bad_input_and_unknown_routes(server, client):
     status, reply = _get(server, "/v1/nothing")
     assert status == 404 and reply["error"]["type"] == "not_found_error"
@@ -401,6 +407,8 @@ def test_api_key_is_required_when_set_and_a_full_queue_answers_503():
         assert ok.status_code == 200 and ok.json()["usage"]["completion_tokens"] == 3
         assert http.get("/health").status_code == 200  # health and the page need no key
         assert "<title>diyllm chat</title>" in http.get("/").text
-    with TestClient(create_app(BatchScheduler(model, tok, max_queue=0), "m")) as http:
+    with TestClient(create_app(BatchScheduler(model, tok, max_batch=2, max_queue=0), "m")) as http:
         r = http.post("/v1/completions", json=body)
         assert r.status_code == 503 and r.json()["error"]["code"] == "queue_full"
+        r = http.post("/v1/completions", json={**body, "n": 3})  # could never be admitted: refused, not queued
+        assert r.status_code == 400 and r.json()["error"]["param"] == "n"

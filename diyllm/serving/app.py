@@ -117,6 +117,9 @@ async def _generate(state: ServerState, request: Request, kind: str) -> Response
     def emit(*event: Any) -> None:
         loop.call_soon_threadsafe(events.put_nowait, event)
 
+    if req.options["n"] > state.scheduler.max_batch:
+        raise APIError(f"n={req.options['n']} is more than this server decodes at once "
+                       f"(--max-concurrency {state.scheduler.max_batch})", "n")
     gen = GenerationRequest(prompt_ids=prompt_ids, max_tokens=max_tokens, emit=emit, stop_ids=state.stop_ids(req),
                             stop_strings=req.stop_strings, **req.options)
     try:

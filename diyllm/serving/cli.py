@@ -41,6 +41,20 @@ def default_model_name(ckpt: str) -> str:
     return base or "diyllm"
 
 
+def check_port_free(host: str, port: int) -> None:
+    """Fail before loading the model, with one clear line, when the address cannot be bound."""
+    import socket
+
+    family = socket.AF_INET6 if ":" in host else socket.AF_INET
+    with socket.socket(family, socket.SOCK_STREAM) as s:
+        s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)  # as uvicorn binds
+        try:
+            s.bind((host, port))
+        except OSError as exc:
+            raise UserError(f"cannot listen on {host}:{port} ({exc.strerror}); pick another --port or stop the "
+                            "program using it") from None
+
+
 def run(args: argparse.Namespace) -> int:
     try:
         import uvicorn
@@ -57,6 +71,7 @@ def run(args: argparse.Namespace) -> int:
         raise UserError("--max-concurrency must be >= 1 and --max-queue >= 0")
     if not 0 <= args.port <= 65535:
         raise UserError(f"--port must be in 0..65535, got {args.port}")
+    check_port_free(args.host, args.port)
     model, tokenizer, _ = load_model(args.ckpt, device=resolve_device(args.device))
     if tokenizer is None:
         raise UserError(f"{args.ckpt} holds no tokenizer, so requests cannot be encoded")
