@@ -183,7 +183,11 @@ class BatchScheduler:
                 continue
             first = len(self._rows)
             ids = torch.tensor([request.prompt_ids], dtype=torch.long, device=self.device)
-            out = self.model(ids, kv_cache=self._cache.prefill(first), last_logits_only=True)
+            try:
+                out = self.model(ids, kv_cache=self._cache.prefill(first), last_logits_only=True)
+            except Exception as exc:  # this request fails alone; the batch goes on
+                request.emit("error", f"prefill failed: {type(exc).__name__}: {exc}")
+                continue
             for i in range(request.n):
                 slot = first + i
                 if i:
