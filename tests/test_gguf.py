@@ -12,7 +12,6 @@ from diyllm.model import DIYConfig, DIYForCausalLM
 from diyllm.training.checkpoint import save_checkpoint
 
 gguf = pytest.importorskip("gguf", reason="the gguf package (gguf extra) is not installed")
-pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def _bpe_tokenizer():

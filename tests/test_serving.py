@@ -412,3 +412,26 @@ def test_api_key_is_required_when_set_and_a_full_queue_answers_503():
         assert r.status_code == 503 and r.json()["error"]["code"] == "queue_full"
         r = http.post("/v1/completions", json={**body, "n": 3})  # could never be admitted: refused, not queued
         assert r.status_code == 400 and r.json()["error"]["param"] == "n"
+
+
+def test_char_tokenizer_model_serves_completions_and_refuses_chat_clearly():
+    from starlette.testclient import TestClient
+
+    from diyllm.generation.generate import generate
+    from diyllm.model import DIYConfig, DIYForCausalLM
+    from diyllm.serving.app import create_app
+    from diyllm.serving.scheduler import BatchScheduler
+    from diyllm.tokenizers import CharTokenizer
+
+    tok = CharTokenizer("abcdefgh \n")
+    torch.manual_seed(0)
+    model = DIYForCausalLM(DIYConfig(vocab_size=tok.vocab_size, context_length=32, d_model=32, num_layers=1,
+                                     num_heads=2))
+    with TestClient(create_app(BatchScheduler(model, tok), "char")) as http:
+        r = http.post("/v1/completions", json={"prompt": "abc", "max_tokens": 6, "temperature": 0})
+        assert r.status_code == 200
+        assert r.json()["choices"][0]["text"] == tok.decode(generate(model, tok.encode("abc"), 6, temperature=0)[0])
+        r = http.post("/v1/chat/completions", json={"messages": [{"role": "user", "content": "abc"}]})
+        assert r.status_code == 400 and "BPE tokenizer" in r.json()["error"]["message"]
+        r = http.post("/v1/completions", json={"prompt": "xyz"})  # characters the tokenizer does not know
+        assert r.status_code == 400, r.json()

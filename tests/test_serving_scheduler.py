@@ -13,8 +13,6 @@ from diyllm.serving.scheduler import BatchScheduler, GenerationRequest, QueueFul
 from diyllm.serving.slots import SlotKVCache
 from diyllm.tokenizers import BPETokenizer
 
-pytestmark = pytest.mark.usefixtures("one_thread")
-
 
 def _model(seed: int = 0) -> DIYForCausalLM:
     torch.manual_seed(seed)

@@ -82,6 +82,9 @@ class ServerState:
             ids = self.tokenizer.encode(req.prompt)
         except UserError as exc:  # e.g. chat with a character tokenizer
             raise APIError(str(exc), "messages") from None
+        except ValueError as exc:  # e.g. a character the character tokenizer does not know
+            raise APIError(f"the text cannot be tokenized: {exc}", "messages" if req.kind == "chat" else "prompt",
+                           code="invalid_text") from None
         if not ids:  # an empty prompt starts from end-of-text, as `diyllm sample` does
             eot = getattr(self.tokenizer, "eot_id", None)
             ids = [eot] if eot is not None else self.tokenizer.encode("\n")
