@@ -31,7 +31,7 @@ import numpy as np
 import torch
 from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 
-from diyllm.data.jsonl import IGNORE_INDEX, is_val_document, parse_line, resolve_jsonl_paths
+from diyllm.data.jsonl import IGNORE_INDEX, is_val_document, iter_text_lines, parse_line, resolve_jsonl_paths
 
 
 def shuffle_buffer(items: Iterator[Any], size: int, rng: np.random.Generator) -> Iterator[Any]:
@@ -99,14 +99,13 @@ class StreamingJsonlDataset(IterableDataset):
             # Shard on raw lines: a worker JSON-parses only the documents it keeps.
             counter = itertools.count()
             for path in self.file_order():
-                with open(path, encoding="utf-8") as f:
-                    for lineno, line in enumerate(f, start=1):
-                        if not line.strip():
-                            continue
-                        if self.split is not None and is_val_document(path, lineno) != (self.split == "val"):
-                            continue
-                        if next(counter) % num_shards == shard:
-                            yield parse_line(line, path, lineno, self.key)
+                for lineno, line in iter_text_lines(path):
+                    if not line.strip():
+                        continue
+                    if self.split is not None and is_val_document(path, lineno) != (self.split == "val"):
+                        continue
+                    if next(counter) % num_shards == shard:
+                        yield parse_line(line, path, lineno, self.key)
 
         rng = np.random.default_rng([self.seed, self.epoch, 1 + shard])
         return shuffle_buffer(mine(), self.shuffle_buffer, rng)

@@ -57,6 +57,13 @@ from diyllm.training.distributed import (
 from diyllm.training.health import HealthMonitor
 from diyllm.training.metrics import MetricsLogger, format_eval_line, format_train_line, peak_flops
 from diyllm.training.optim import AdamW, clip_grad_norm_
+from diyllm.training.run_folder import (
+    WRITE_ERRNOS,
+    RunFolder,
+    describe_write_error,
+    read_resume_checkpoint,
+    write_with_history,
+)
 from diyllm.training.schedule import cosine_lr
 
 # DIYConfig fields that decide the weights' shapes/meaning: a checkpoint must agree on all of them.
@@ -77,6 +84,7 @@ class TrainResult:
     stopped_early: bool
     stop_reason: str = ""  # "" (ran to max_iters) | "early_stopping" | "signal"
     skipped_steps: int = 0  # optimizer steps skipped for a non-finite loss/gradient
+    stop_signal: int = 0  # the signal number when stop_reason == "signal" (the CLI exits with 128 + it)
 
 
 def train(cfg: TrainConfig, source: BatchSource | None = None, model: nn.Module | None = None) -> TrainResult:
@@ -192,6 +200,7 @@ class StopSignal:
 
     def __init__(self, log):
         self.requested = False
+        self.signum = 0
         self.log = log
         self._old: dict[int, Any] = {}
 
@@ -205,6 +214,7 @@ class StopSignal:
         if self.requested and signum == signal.SIGINT:
             raise KeyboardInterrupt
         self.requested = True
+        self.signum = self.signum or int(signum)
         self.log(f"\n{signal.Signals(signum).name} received: finishing this step, saving a checkpoint, then "
                  "exiting (Ctrl-C again to abort now)")
 
@@ -222,6 +232,8 @@ class Trainer:
         self.source = source
         self.given_model = model
         self.bar = None
+        self.run_folder: RunFolder | None = None
+        self.setup_failed = False
 
     # -- output helpers --
     def log(self, msg: str) -> None:
@@ -247,7 +259,11 @@ class Trainer:
     def setup(self) -> Trainer:
         """Join DDP (if launched by torchrun), build data/model/optimizer, restore a checkpoint."""
         self.dist, rank_device = init_distributed(self.cfg.device)
-        self._setup(rank_device)
+        try:
+            self._setup(rank_device)
+        except BaseException:
+            self.setup_failed = True  # close() then removes a run folder this run created
+            raise
         return self
 
     def close(self) -> None:
@@ -256,6 +272,9 @@ class Trainer:
         if self.bar is not None:
             self.bar.close()
             self.bar = None
+        if self.run_folder is not None:
+            self.run_folder.close(failed=self.setup_failed)
+            self.run_folder = None
         if getattr(self, "dist", None) is not None:
             cleanup_distributed(self.dist)
 
@@ -297,15 +316,14 @@ class Trainer:
 
         # where we start from
         self.out_dir = Path(cfg.out_dir)
+        if dist.is_main:  # one writer per run folder; no silent overwrite; stale temp files removed
+            self.run_folder = RunFolder(self.out_dir, self.log).open(resume=cfg.init_from == "resume",
+                                                                     overwrite=cfg.overwrite)
         self.resume_ckpt: dict | None = None
         init_ckpt: dict | None = None
-        if cfg.init_from == "resume":
-            path = self.out_dir / "latest.pt"
-            if not path.exists():
-                raise UserError(f"init_from=resume but {path} does not exist; nothing to resume "
-                                "(use init_from=scratch to start a new run)")
-            self.resume_ckpt = read_checkpoint(path)
-            self.ckpt_path = path
+        if cfg.init_from == "resume":  # latest.pt, or with a warning the newest good previous*.pt
+            self.resume_ckpt, self.ckpt_path = read_resume_checkpoint(self.out_dir, read_checkpoint, self.warn)
+            self._check_resume_schedule(self.resume_ckpt)
         elif cfg.init_from != "scratch":
             init_ckpt, where = read_init_checkpoint(cfg.init_from)  # a .pt, a run folder, or hf:DIR
             self.ckpt_path = Path(where)
@@ -325,7 +343,7 @@ class Trainer:
         if self.model_config.vocab_size < data_vocab:
             raise UserError(f"the model's vocab_size {self.model_config.vocab_size} is smaller than the data's "
                             f"{data_vocab}: the data was tokenized with a different tokenizer")
-        for ckpt, path in ((self.resume_ckpt, "latest.pt"), (init_ckpt, cfg.init_from)):
+        for ckpt, path in ((self.resume_ckpt, self.ckpt_path if self.resume_ckpt else ""), (init_ckpt, cfg.init_from)):
             if ckpt is not None:
                 self._check_compatible(ckpt, str(path))
                 unwrap_model(self.model).load_state_dict(ckpt["model"])
@@ -362,14 +380,12 @@ class Trainer:
         self._wrap(self.compiled if self.compiled is not None else unwrap_model(self.model))
 
         # files
-        self.tokenizer_json = tokenizer_text(self.source)
+        # a data folder without tokenizer.json must not strip the tokenizer from the new checkpoints
+        self.tokenizer_json = tokenizer_text(self.source) or (self.resume_ckpt or init_ckpt or {}).get("tokenizer")
         self.bytes_per_token = getattr(self.source, "bytes_per_token", None)
         self.tokens_per_iter = cfg.batch_size * self.accum * src_ctx * dist.world_size
         if dist.is_main:
             self.out_dir.mkdir(parents=True, exist_ok=True)
-            if cfg.init_from == "scratch" and (self.out_dir / "latest.pt").exists():
-                self.warn(f"{self.out_dir} holds a previous run; its checkpoints will be overwritten "
-                          "(use --init_from=resume to continue it instead)")
             with atomic_write(self.out_dir / "config.json", "w", encoding="utf-8") as f:
                 f.write(cfg.to_json() + "\n")
             if self.tokenizer_json:
@@ -384,6 +400,29 @@ class Trainer:
         # Restore the RNGs last: building/moving/compiling the model above may draw random numbers.
         if self.resume_ckpt is not None:
             self._restore_rng(self.resume_ckpt)
+
+    def _check_resume_schedule(self, ckpt: dict) -> None:
+        """Resuming with another max_iters re-stretches the LR schedule: say what it does now."""
+        step = int(ckpt.get("iteration", 0))
+        if step > self.cfg.max_iters:
+            raise UserError(f"{self.ckpt_path} is at iteration {step}, beyond max_iters={self.cfg.max_iters}: "
+                            f"nothing to train; pass --max_iters above {step} to continue the run")
+        saved = ckpt.get("train_config")
+        if not isinstance(saved, dict) or saved.get("max_iters") in (None, self.cfg.max_iters):
+            return
+        try:
+            old = dataclasses.replace(self.cfg, max_iters=int(saved["max_iters"]),
+                                      lr_decay_iters=int(saved.get("lr_decay_iters", self.cfg.lr_decay_iters)))
+        except (TypeError, ValueError):
+            return
+        if old.effective_lr_decay_iters == self.cfg.effective_lr_decay_iters or not self.cfg.decay_lr:
+            self.warn(f"max_iters changed from {old.max_iters} to {self.cfg.max_iters} on resume; the LR schedule "
+                      f"is unchanged (it decays until iteration {self.cfg.effective_lr_decay_iters})")
+            return
+        self.warn(f"max_iters changed from {old.max_iters} to {self.cfg.max_iters} on resume: the cosine LR "
+                  f"schedule now decays to min_lr at iteration {self.cfg.effective_lr_decay_iters} (was "
+                  f"{old.effective_lr_decay_iters}); lr at iteration {step} is now {lr_at(self.cfg, step):.3g} "
+                  f"(was {lr_at(old, step):.3g}). Set lr_decay_iters to keep the old schedule")
 
     def _config_from_checkpoint(self, ckpt: dict) -> DIYConfig:
         """init_from=PATH: the weights decide the shape; the config's training-time knobs still apply."""
@@ -577,8 +616,20 @@ class Trainer:
 
     def save(self, name: str) -> None:
         extra = self._checkpoint_state()
-        if self.dist.is_main:
-            save_checkpoint(self.model, self.optimizer, self.step, self.out_dir / name, **extra)
+        if not self.dist.is_main:
+            return
+        path = self.out_dir / name
+        try:
+            if name == "latest.pt":  # the old latest.pt becomes previous.pt (keep_checkpoints files in all)
+                with write_with_history(path, self.cfg.keep_checkpoints) as f:
+                    save_checkpoint(self.model, self.optimizer, self.step, f, **extra)
+            else:
+                save_checkpoint(self.model, self.optimizer, self.step, path, **extra)
+        except OSError as exc:
+            if exc.errno not in WRITE_ERRNOS:
+                raise
+            intact = path if path.exists() else self.out_dir / "previous.pt"
+            raise UserError(describe_write_error(exc, path, intact)) from exc
 
     def elapsed(self) -> float:
         return self.elapsed_before + time.perf_counter() - self.t0
@@ -646,6 +697,7 @@ class Trainer:
             final_val_loss=self.last_eval.get("val_loss", math.nan), wall_time_s=self.elapsed(),
             num_params=self.num_params, stopped_early=bool(stop_reason), stop_reason=stop_reason,
             skipped_steps=self.health.total_nonfinite,
+            stop_signal=self.stop_signal.signum if stop_reason == "signal" else 0,
         )
         self.metrics.log({"event": "end", "iter": self.step, "tokens": self.tokens_seen, "time": self.elapsed(),
                           **dataclasses.asdict(result)})
