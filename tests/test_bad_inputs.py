@@ -21,6 +21,7 @@ REPO = Path(__file__).resolve().parents[1]
 TINY = ["--d_model=32", "--num_layers=1", "--num_heads=2", "--d_ff=64", "--context_length=16", "--batch_size=2",
         "--max_iters=2", "--warmup_iters=0", "--eval_interval=0", "--eval_iters=1", "--progress=false",
         "--device=cpu"]
+SFT_TINY = [a for a in TINY if not a.startswith("--context_length")]  # sft takes the shape from the checkpoint
 
 
 @pytest.fixture(scope="module")
@@ -37,22 +38,18 @@ def world(tmp_path_factory) -> dict[str, Path]:
     assert main(["train", f"--data_dir={root / 'data'}", f"--out_dir={root / 'run'}", *TINY]) == 0
     tok = BPETokenizer({i: bytes([i]) for i in range(256)}, [], special_tokens=["<|endoftext|>"])
     tok.save(root / "bpe.json")
-    model = DIYForCausalLM(DIYConfig(vocab_size=257, context_length=16, d_model=32, num_layers=1, num_heads=2))
+    model = DIYForCausalLM(DIYConfig(vocab_size=257, context_length=64, d_model=32, num_layers=1, num_heads=2))
     save_checkpoint(model, None, 0, root / "bpe.pt", model_config=model.config.to_dict(),
                     tokenizer=(root / "bpe.json").read_text())
     good = "".join(json.dumps({"text": f"document {i} with some words"}) + "\n" for i in range(60))
     (root / "non_utf8.jsonl").write_bytes(good.encode() + b'{"text": "caf\xe9"}\n')
     (root / "number.jsonl").write_text(good + '{"text": 123}\n')
     conv = json.dumps({"conversations": [{"role": "user", "content": "hi"}, {"role": "assistant", "content": "yo"}]})
-    (root / "conv_non_utf8.jsonl").write_bytes((conv + "\n") * 20 + b'{"conversations": "\xff\xfe"}\n')
-    bad_meta = root / "bad_meta"
-    bad_meta.mkdir()
-    for name in ("train.bin", "val.bin", "tokenizer.json"):
-        (bad_meta / name).write_bytes((root / "data" / name).read_bytes())
-    (bad_meta / "meta.json").write_text(json.dumps([1, 2]))
+    (root / "conv.jsonl").write_text((conv + "\n") * 20)
+    (root / "conv_non_utf8.jsonl").write_bytes(((conv + "\n") * 20).encode() + b'{"conversations": "\xff\xfe"}\n')
     return {"root": root, "data": root / "data", "run": root / "run", "bpe": root / "bpe.pt",
             "non_utf8": root / "non_utf8.jsonl", "number": root / "number.jsonl",
-            "conv_non_utf8": root / "conv_non_utf8.jsonl", "bad_meta": bad_meta}
+            "conv_non_utf8": root / "conv_non_utf8.jsonl", "conv": root / "conv.jsonl"}
 
 
 def snapshot(folder: Path) -> dict[str, tuple[int, int]]:
@@ -82,7 +79,7 @@ CASES = [
                                               *TINY],
      ["number.jsonl:61", '"text" must be a string']),
     ("sft-non-utf8", lambda w, o: ["sft", f"--data_dir={w['conv_non_utf8']}", f"--val_data={w['conv_non_utf8']}",
-                                   f"--init_from={w['bpe']}", f"--out_dir={o}", *TINY],
+                                   f"--init_from={w['bpe']}", f"--out_dir={o}", *SFT_TINY],
      ["conv_non_utf8.jsonl:21", "not UTF-8"]),
     ("show-sft-sample-non-utf8", lambda w, o: ["show-sft-sample", str(w["conv_non_utf8"]), "--index=20"],
      ["conv_non_utf8.jsonl:21", "not UTF-8"]),
@@ -95,8 +92,6 @@ CASES = [
      ["norm_eps=-1"]),
     ("vocab-below-data", lambda w, o: ["train", f"--data_dir={w['data']}", f"--out_dir={o}", "--vocab_size=3",
                                        *TINY], ["vocab_size=3", "smaller than the data"]),
-    ("meta-json-a-list", lambda w, o: ["train", f"--data_dir={w['bad_meta']}", f"--out_dir={o}", *TINY],
-     ["meta.json"]),
     ("sample-char-outside-vocab", lambda w, o: ["sample", f"--ckpt={w['run']}", "--prompt=€uro", "--max_new_tokens=2"],
      ["--prompt", "'€'", "not in the vocabulary"]),
     ("sample-prompt-longer-than-context", lambda w, o: ["sample", f"--ckpt={w['run']}", "--prompt=" + "the " * 10,
@@ -135,15 +130,18 @@ def test_diagnose_accepts_a_run_folder(world, tmp_path, capsys):
 
 
 def test_sample_many_samples_are_generated_in_batches(world, capsys, monkeypatch):
+    import importlib
+
     from diyllm.generation import cli as sample_cli
 
     sizes = []
     real = sample_cli.__dict__.get("generate")
-    from diyllm.generation import generate as gen_module
+    gen_module = importlib.import_module("diyllm.generation.generate")
+    original = gen_module.generate
 
     def counting(model, prompts, *a, **k):
         sizes.append(len(prompts))
-        return gen_module.generate(model, prompts, *a, **k)
+        return original(model, prompts, *a, **k)
 
     monkeypatch.setattr(gen_module, "generate", counting)
     monkeypatch.setattr(sample_cli, "SAMPLE_BATCH", 4)
@@ -191,8 +189,8 @@ def test_read_only_destination_is_one_clear_error(command, world, tmp_path, caps
     dest = ro / "diyllm_run"
     argv = {
         "train": ["train", f"--data_dir={world['data']}", f"--out_dir={dest}", *TINY],
-        "sft": ["sft", f"--data_dir={world['conv_non_utf8']}", f"--init_from={world['bpe']}", f"--out_dir={dest}",
-                *TINY],
+        "sft": ["sft", f"--data_dir={world['conv']}", f"--init_from={world['bpe']}", f"--out_dir={dest}",
+                *SFT_TINY],
         "export": ["export", f"--ckpt={world['run']}", f"--out={dest}"],
         "lr-find": ["lr-find", "shakespeare_char_cpu", f"--data_dir={world['data']}", f"--out={ro / 'lr.png'}",
                     "--num_iters=3", *TINY[:5], "--progress=false"],

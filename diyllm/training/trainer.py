@@ -234,6 +234,7 @@ class Trainer:
         self.bar = None
         self.run_folder: RunFolder | None = None
         self.setup_failed = False
+        self.saved_any = False  # has this run written a checkpoint?
 
     # -- output helpers --
     def log(self, msg: str) -> None:
@@ -253,6 +254,11 @@ class Trainer:
             self.setup()
             with StopSignal(self.log) as self.stop_signal:
                 return self._loop()
+        except UserError:
+            # bad input found once training started (e.g. a bad JSONL line read lazily): a run folder this run
+            # created and that holds no checkpoint yet is removed again, like after a failed setup
+            self.setup_failed = self.setup_failed or not self.saved_any
+            raise
         finally:
             self.close()
 
@@ -625,6 +631,7 @@ class Trainer:
                     save_checkpoint(self.model, self.optimizer, self.step, f, **extra)
             else:
                 save_checkpoint(self.model, self.optimizer, self.step, path, **extra)
+            self.saved_any = True
         except OSError as exc:
             if exc.errno not in WRITE_ERRNOS:
                 raise
