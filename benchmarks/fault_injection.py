@@ -3,13 +3,14 @@
     python benchmarks/fault_injection.py                 # 100 kills of a tiny training run
     python benchmarks/fault_injection.py --kills 20 --json out.json
 
-For each kill: a fresh run folder, a training run killed with SIGKILL either at a random moment or the
-instant a checkpoint temp file appears (a kill *during* a checkpoint write), then
+A training run is killed with SIGKILL either at a random moment or the instant a checkpoint temp file
+appears (a kill *during* a checkpoint write); what survived is inspected, the run is resumed from it
+(`init_from=resume`, or a fresh start when nothing was saved yet) and killed again, until it completes:
 
-* loadable: every checkpoint left in the folder reads and passes its checksum;
-* resumed-exact: `init_from=resume` (or a fresh start when nothing was saved yet) runs to the end, and the
-  final weights are bit-identical to those of one uninterrupted run;
-* leftovers: temp files the kill left (removed by the resume) and any still there after it.
+* loadable: every checkpoint left after a kill reads and passes its checksum;
+* resumed-exact: the completed run's final weights are bit-identical to one uninterrupted run's (an
+  inexact resume anywhere in the chain would change every later step);
+* leftovers: temp files the kills left (each resume removes them) and any still there at the end.
 
 Kills of `diyllm prepare` are measured by the data engineer's own suite; this script covers training.
 Runs are forked from this process (imports paid once); this process itself never runs a torch op, so
@@ -95,9 +96,10 @@ def _prepare(root: Path) -> None:
     prepare_dataset([corpus], root / "data", tokenizer_kind="char", val_fraction=0.1, verbose=False)
 
 
-def _temps(out: Path) -> list[str]:
+def _temps(out: Path, checkpoints_only: bool = False) -> list[str]:
+    """Temp files of interrupted atomic writes in `out` (only checkpoints': `.NAME.pt.XXXX.tmp`)."""
     try:
-        return sorted(n for n in os.listdir(out) if n.endswith(".tmp"))
+        return sorted(n for n in os.listdir(out) if n.endswith(".tmp") and (not checkpoints_only or ".pt." in n))
     except FileNotFoundError:
         return []
 
@@ -110,12 +112,38 @@ def _inspect_now(out: Path, root: Path) -> dict:
     return json.loads(report.read_text())
 
 
+def _kill_at_random(pid: int, out: Path, rng: random.Random, run_time: float, during_write: bool) -> bool:
+    """SIGKILL `pid` after a random delay, or the instant its k-th checkpoint write (k >= 2, so that the
+    segment made progress) has begun. Returns False when the run finished before it could be killed."""
+    kth_write, writes_seen = rng.randint(2, 4), set()
+    deadline = time.perf_counter() + (rng.uniform(0.1, 0.6) * run_time if not during_write else 5 * run_time)
+    while time.perf_counter() < deadline:
+        if during_write:
+            writes_seen.update(_temps(out, checkpoints_only=True))
+            if len(writes_seen) >= kth_write:
+                time.sleep(rng.uniform(0, 0.002))
+                break
+        if os.waitpid(pid, os.WNOHANG)[0]:
+            return False
+        time.sleep(0.0005)
+    os.kill(pid, signal.SIGKILL)
+    os.waitpid(pid, 0)
+    return True
+
+
 def campaign(kills: int, seed: int = 0, root: Path | None = None, log=print) -> dict:
-    """Run `kills` kill-and-resume rounds; return the counts (see the module docstring)."""
+    """Kill training runs `kills` times; return the counts (see the module docstring).
+
+    Kills are chained: a killed run is resumed from what survived, killed again, and so on until it
+    completes; its final weights must then equal the uninterrupted run's. A resume that was not exact
+    would change every later step, so one comparison per chain checks every resume in it.
+    """
     rng = random.Random(seed)
     own_root = root is None
     root = Path(tempfile.mkdtemp(prefix="diyllm_faults_")) if own_root else Path(root)
     try:
+        import torch._dynamo  # noqa: F401 - the optimizer imports it lazily (seconds); pay that once here
+
         import diyllm.training.trainer  # noqa: F401 - imported once here, inherited by every forked run
 
         if _wait(_in_child(_prepare, root)) != 0:
@@ -127,50 +155,49 @@ def campaign(kills: int, seed: int = 0, root: Path | None = None, log=print) -> 
             raise RuntimeError("the uninterrupted reference run failed")
         run_time = time.perf_counter() - t0
         expected = _inspect_now(ref, root)["final"]
-        stats = {"kills": 0, "during_checkpoint_write": 0, "checkpoints_left": 0, "loadable": 0, "resumed": 0,
-                 "resumed_exact": 0, "temp_files_after_kill": 0, "leftovers_after_resume": 0, "failures": [],
-                 "reference_run_s": round(run_time, 2)}
-        for i in range(kills):
-            out = root / f"kill{i}"
-            pid = _in_child(_train, data, str(out))
-            during_write = i % 2 == 1  # every other kill waits for a checkpoint write to begin
-            deadline = time.perf_counter() + (rng.uniform(0.05, 1.0) * run_time if not during_write else 5 * run_time)
-            while time.perf_counter() < deadline:
-                if during_write and _temps(out):
-                    time.sleep(rng.uniform(0, 0.002))
+        stats = {"kills": 0, "during_checkpoint_write": 0, "checkpoints_left": 0, "loadable": 0, "resumes": 0,
+                 "runs": 0, "runs_exact": 0, "temp_files_after_kill": 0, "leftovers_after_completion": 0,
+                 "failures": [], "reference_run_s": round(run_time, 2)}
+        chain = 0
+        while stats["kills"] < kills:
+            out = root / f"run{chain}"
+            chain += 1
+            while True:  # kill, inspect, resume ... until this run completes
+                seen = _inspect_now(out, root)["checkpoints"] if out.exists() else {}
+                resumable = any(n in seen for n in ("latest.pt", "previous.pt"))
+                kw = {"init_from": "resume"} if resumable else {"overwrite": True}
+                stats["resumes"] += resumable
+                pid = _in_child(_train, data, str(out), **kw)
+                if stats["kills"] >= kills:
+                    if _wait(pid) != 0:
+                        stats["failures"].append({"run": chain, "completion": "failed"})
                     break
-                if os.waitpid(pid, os.WNOHANG)[0]:
-                    pid = 0
-                    break
-                time.sleep(0.0005)
-            wrote = bool(_temps(out))
-            if pid:
-                os.kill(pid, signal.SIGKILL)
-                os.waitpid(pid, 0)
-            stats["kills"] += 1
-            stats["during_checkpoint_write"] += wrote
-            stats["temp_files_after_kill"] += len(_temps(out))
-            seen = _inspect_now(out, root)["checkpoints"] if out.exists() else {}
-            stats["checkpoints_left"] += len(seen)
-            stats["loadable"] += sum(c["ok"] for c in seen.values())
-            bad = {n: c for n, c in seen.items() if not c["ok"]}
-            if bad:
-                stats["failures"].append({"kill": i, "unloadable": bad})
-            resumable = any(n in seen for n in ("latest.pt", "previous.pt"))
-            kw = {"init_from": "resume"} if resumable else {"overwrite": True}
-            if _wait(_in_child(_train, data, str(out), **kw)) != 0:
-                stats["failures"].append({"kill": i, "resume": "failed"})
-                continue
-            stats["resumed"] += 1
+                during_write = stats["kills"] % 2 == 1  # every other kill lands in a checkpoint write
+                if not _kill_at_random(pid, out, rng, run_time, during_write):
+                    break  # it finished first
+                wrote = bool(_temps(out, checkpoints_only=True))
+                stats["kills"] += 1
+                stats["during_checkpoint_write"] += wrote
+                stats["temp_files_after_kill"] += len(_temps(out))
+                seen = _inspect_now(out, root)["checkpoints"] if out.exists() else {}
+                stats["checkpoints_left"] += len(seen)
+                stats["loadable"] += sum(c["ok"] for c in seen.values())
+                bad = {n: c for n, c in seen.items() if not c["ok"]}
+                if bad:
+                    stats["failures"].append({"kill": stats["kills"], "unloadable": bad})
+                left_now = ", ".join(f"{n} (iteration {c.get('iteration')})" for n, c in seen.items()) or "none"
+                log(f"kill {stats['kills']}/{kills}: {'during a checkpoint write' if wrote else 'between writes'}, "
+                    f"checkpoints left: {left_now}")
             final = _inspect_now(out, root)["final"]
+            stats["runs"] += 1
             if final == expected:
-                stats["resumed_exact"] += 1
+                stats["runs_exact"] += 1
             else:
-                stats["failures"].append({"kill": i, "final": final, "expected": expected})
+                stats["failures"].append({"run": chain, "final": final, "expected": expected})
             left = _temps(out) + ([".diyllm.lock"] if (out / ".diyllm.lock").exists() else [])
-            stats["leftovers_after_resume"] += len(left)
-            log(f"kill {i + 1}/{kills}: {'during a checkpoint write' if wrote else 'between writes'}, "
-                f"{len(seen)} checkpoint(s) left, resumed {'exactly' if final == expected else 'DIFFERENTLY'}")
+            stats["leftovers_after_completion"] += len(left)
+            log(f"run {chain} completed with {'the same' if final == expected else 'DIFFERENT'} final weights "
+                f"as the uninterrupted run; leftovers: {left or 'none'}")
             shutil.rmtree(out, ignore_errors=True)
         return stats
     finally:
@@ -187,9 +214,9 @@ def main() -> int:
     args = parser.parse_args()
     stats = campaign(args.kills, args.seed, log=(lambda *_: None) if args.quiet else print)
     print(f"kills {stats['kills']} (during a checkpoint write {stats['during_checkpoint_write']}); checkpoints "
-          f"left {stats['checkpoints_left']}, loadable {stats['loadable']}; resumed {stats['resumed']}, "
-          f"resumed-exact {stats['resumed_exact']}; temp files after kills {stats['temp_files_after_kill']}, "
-          f"leftovers after resume {stats['leftovers_after_resume']}")
+          f"left {stats['checkpoints_left']}, loadable {stats['loadable']}; resumes {stats['resumes']}; runs "
+          f"completed {stats['runs']}, resumed-exact {stats['runs_exact']}; temp files after kills "
+          f"{stats['temp_files_after_kill']}, leftovers after completion {stats['leftovers_after_completion']}")
     if args.json:
         Path(args.json).write_text(json.dumps(stats, indent=1))
     return 0 if not stats["failures"] else 1

@@ -32,6 +32,7 @@ import torch
 from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 
 from diyllm.data.jsonl import IGNORE_INDEX, is_val_document, iter_text_lines, parse_line, resolve_jsonl_paths
+from diyllm.errors import UserError
 
 
 def shuffle_buffer(items: Iterator[Any], size: int, rng: np.random.Generator) -> Iterator[Any]:
@@ -156,10 +157,23 @@ def endless_batches(ds: StreamingJsonlDataset, batch_size: int, num_workers: int
         ds.set_epoch(epoch)
         loader = DataLoader(ds, batch_size=batch_size, num_workers=num_workers)
         empty = True
-        for batch in loader:
+        for batch in _worker_errors_unwrapped(loader):
             empty = False
             produced += 1
             if produced > skip:
                 yield batch
         if empty:
             raise ValueError("the streaming dataset produced no rows (empty split or documents too short)")
+
+
+def _worker_errors_unwrapped(loader: DataLoader) -> Iterator:
+    """A UserError raised in a DataLoader worker (e.g. a bad JSONL line) arrives re-raised with the worker's
+    whole traceback as its message; give the user back the one line that was raised."""
+    try:
+        yield from loader
+    except UserError as exc:
+        text = str(exc)
+        if "Traceback" not in text:
+            raise
+        last = text.rstrip().splitlines()[-1]
+        raise UserError(last.split("UserError: ", 1)[-1]) from None
