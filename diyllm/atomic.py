@@ -33,7 +33,7 @@ def atomic_write(path: str | os.PathLike, mode: str = "wb", encoding: str | None
     except BaseException as exc:
         with contextlib.suppress(FileNotFoundError):
             os.unlink(tmp)
-        if isinstance(exc, OSError) and exc.filename in (None, tmp):  # name the file the user asked for
+        if isinstance(exc, OSError) and exc.errno is not None and exc.filename in (None, tmp):  # name the target
             raise OSError(exc.errno, exc.strerror, os.fspath(path)) from exc
         raise
 

@@ -102,6 +102,8 @@ class TrainConfig:
     # --- issue 13: run-folder safety ---
     overwrite: bool = False  # start a new run in an out_dir that holds one (its run files are removed first)
     keep_checkpoints: int = 2  # latest.pt plus this many - 1 older copies (previous.pt, ...) to fall back to
+    # --- issue 12: reproducibility ---
+    deterministic: bool = False  # CUDA: torch.use_deterministic_algorithms + cuBLAS workspace (slower); CPU always is
 
     # ---------------------------------------------------------------------------------------------
     def validate(self) -> TrainConfig:
