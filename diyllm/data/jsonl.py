@@ -34,6 +34,7 @@ from diyllm.data.jsonl_files import (  # noqa: F401  (re-exported: tests and use
     VAL_PERCENT,
     is_val_document,
     iter_jsonl,
+    iter_text_lines,
     parse_line,
     read_split_texts,
     resolve_jsonl_paths,
