@@ -17,7 +17,8 @@ from pathlib import Path
 from diyllm.errors import UserError
 
 # Extensions picked up when a folder is given (a glob selects anything it matches).
-TEXT_SUFFIXES = frozenset({".txt", ".text", ".md", ".rst", ".py", ".jsonl"})
+TEXT_SUFFIXES = frozenset({".txt", ".text", ".md", ".rst", ".py", ".jsonl", ".parquet"})
+DATA_FILE_ENDINGS = (".jsonl.gz", ".jsonl.zst")  # compressed JSONL, picked up in folders too
 READ_BLOCK = 1 << 20  # bytes read per block from a text file
 
 _bad_counter = [0]
@@ -62,7 +63,7 @@ def resolve_inputs(inputs: list[str] | str) -> list[Path]:
                 f
                 for f in p.rglob("*")
                 if f.is_file()
-                and f.suffix in TEXT_SUFFIXES
+                and (f.suffix in TEXT_SUFFIXES or f.name.lower().endswith(DATA_FILE_ENDINGS))
                 and not any(part.startswith(".") for part in f.relative_to(p).parts)
             )
             if not found:
