@@ -47,11 +47,12 @@ def download_hub_files(source: str, max_files: int | None = None) -> list[Path]:
     """Local paths of the files of `source` (downloaded into the Hub cache unless already there)."""
     try:
         import huggingface_hub as hf
+        from huggingface_hub import constants as hf_constants
         from huggingface_hub import errors as hf_errors
     except ImportError:
         raise UserError(f"{source} needs the huggingface_hub package: pip install 'diyllm[data]'") from None
     repo, pattern = parse_hub_source(source)
-    offline = bool(hf.constants.HF_HUB_OFFLINE)
+    offline = bool(hf_constants.HF_HUB_OFFLINE)
     try:
         if offline:
             root = Path(hf.snapshot_download(repo, repo_type="dataset", local_files_only=True))

@@ -12,7 +12,7 @@ import io
 import json
 from collections.abc import Callable, Iterator
 from pathlib import Path
-from typing import IO
+from typing import IO, Any
 
 from diyllm.data.sources import READ_BLOCK, ReadStats, Utf8Decoder, iter_text_file
 from diyllm.errors import UserError
@@ -50,10 +50,40 @@ def open_binary(path: Path) -> IO[bytes]:
 
         return gzip.open(path, "rb")
     if name.endswith(".zst"):
-        zstd = _optional("zstandard", f"reading {path}")
-        raw = open(path, "rb")  # noqa: SIM115 (closed with the reader)
-        return io.BufferedReader(zstd.ZstdDecompressor().stream_reader(raw, closefd=True), READ_BLOCK)
+        return io.BufferedReader(_ZstdStream(path), READ_BLOCK)
     return open(path, "rb")  # noqa: SIM115
+
+
+class _ZstdStream(io.RawIOBase):
+    """Streamed zstd decompression that, unlike a plain reader, notices a truncated last frame."""
+
+    def __init__(self, path: Path) -> None:
+        self.zstd = _optional("zstandard", f"reading {path}")
+        self.raw = open(path, "rb")  # noqa: SIM115 (closed in close())
+        self.dec = self.zstd.ZstdDecompressor().decompressobj()
+        self.buf = b""
+
+    def readable(self) -> bool:
+        return True
+
+    def readinto(self, b: Any) -> int:
+        while not self.buf:
+            chunk = self.raw.read(READ_BLOCK)
+            if not chunk:
+                if not self.dec.eof:
+                    raise self.zstd.ZstdError("the file ends inside a zstd frame (truncated)")
+                return 0
+            if self.dec.eof:  # another frame follows
+                self.dec = self.zstd.ZstdDecompressor().decompressobj()
+            self.buf = self.dec.decompress(chunk)
+        n = min(len(b), len(self.buf))
+        b[:n] = self.buf[:n]
+        self.buf = self.buf[n:]
+        return n
+
+    def close(self) -> None:
+        self.raw.close()
+        super().close()
 
 
 def _decompress_errors() -> tuple[type[BaseException], ...]:

@@ -165,6 +165,10 @@ class ShardWriter:
         """The writer as it was at `checkpoint()`; raises ValueError if the files on disk do not match it."""
         w = cls(folder, split, dtype, shard_tokens)
         w.finished, w.index, w.n = list(state["finished"]), int(state["index"]), int(state["tokens"])
+        keep = {w.partial_path.name, w._partial_idx_path().name}
+        for stray in w.folder.glob(f".{split}_*.partial"):  # written after the checkpoint: redone
+            if stray.name not in keep:
+                stray.unlink()
         for s in w.finished:
             path = w.folder / s["file"]
             if not path.is_file() or path.stat().st_size != s["tokens"] * w.dtype.itemsize:
