@@ -21,6 +21,7 @@ from typing import Any
 import numpy as np
 
 from diyllm.atomic import atomic_write
+from diyllm.data import encode as encode_mod
 from diyllm.data.dataset import manifest_shards, verify_sizes
 from diyllm.data.documents import DocumentStream
 from diyllm.data.encode import encode_in_order, iter_jobs
@@ -56,6 +57,7 @@ class Plan:
     min_chars: int
     dedup: bool
     extra_meta: dict[str, Any] = field(default_factory=dict)
+    job_chars: int | None = None  # characters per encoding job (resume granularity; never changes the output)
 
     def __post_init__(self) -> None:
         self.tail_split: tuple[int, int] | None = None
@@ -155,7 +157,7 @@ class _Assembler:
     def __init__(self, writers: dict[str, ShardWriter], val_budget: int | None, current: str | None) -> None:
         self.writers, self.val_budget, self.current = writers, val_budget, current
         self.jobs_done = 0
-        self.finished = 0
+        self.job_chars = 0
 
     def write(self, meta: list, result: tuple[np.ndarray, list[int]]) -> None:
         tokens, lengths = result
@@ -172,7 +174,7 @@ class _Assembler:
 
 
 def _checkpoint(out: Path, fp: dict, tok_sha: str, writers: dict[str, ShardWriter], asm: _Assembler) -> None:
-    state = {"fingerprint": fp, "tokenizer_sha256": tok_sha, "jobs_done": asm.jobs_done,
+    state = {"fingerprint": fp, "tokenizer_sha256": tok_sha, "jobs_done": asm.jobs_done, "job_chars": asm.job_chars,
              "open_document_split": asm.current, "splits": {s: w.checkpoint() for s, w in writers.items()}}
     with atomic_write(out / PROGRESS_NAME, "w", encoding="utf-8") as f:
         json.dump(state, f)
@@ -208,13 +210,15 @@ def run(out: Path, plan: Plan, progress: dict | None, workers: int, verbose: boo
     tok_sha = file_sha256(tok_path)
     asm = _Assembler(writers, plan.val_tokens, progress.get("open_document_split") if progress else None)
     skip = int(progress["jobs_done"]) if progress else 0
+    asm.job_chars = int(progress.get("job_chars") or 0) if progress else 0  # resume: the same job boundaries
+    asm.job_chars = asm.job_chars or plan.job_chars or encode_mod.JOB_CHARS
     if progress is None:
         _checkpoint(out, fp, tok_sha, writers, asm)  # from here on, a rerun resumes (and reuses the tokenizer)
 
     bar = tqdm(total=plan.total_bytes, unit="B", unit_scale=True, desc="encoding", disable=not verbose,
                file=sys.stderr, mininterval=0.5)
     stream = plan.stream(progress=bar.update)
-    jobs = iter_jobs(stream, tok)
+    jobs = iter_jobs(stream, tok, asm.job_chars)
     if skip:
         bar.set_description(f"resuming: skipping {skip} encoded jobs")
         for _ in itertools.islice(jobs, skip):

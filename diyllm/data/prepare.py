@@ -86,6 +86,7 @@ def prepare_dataset(
     min_chars: int = 0,
     dedup: bool = True,
     overwrite: bool = False,
+    job_chars: int | None = None,
     verbose: bool = True,
     extra_meta: dict[str, Any] | None = None,
 ) -> dict[str, Any]:
@@ -126,7 +127,7 @@ def prepare_dataset(
         files=files, tokenizer_kind=tokenizer_kind, vocab_size=vocab_size, given_tokenizer=given,
         val_fraction=val_fraction, val_tokens=val_tokens, seed=seed, sample_bytes=tokenizer_sample_bytes,
         on_bad_utf8=on_bad_utf8, skip_bad_lines=skip_bad_lines, max_bytes=max_bytes, shard_tokens=shard_tokens,
-        text_field=text_field, min_chars=min_chars, dedup=dedup, extra_meta=dict(extra_meta or {}),
+        text_field=text_field, min_chars=min_chars, dedup=dedup, extra_meta=dict(extra_meta or {}), job_chars=job_chars,
     )
     log = print if verbose else (lambda *a, **k: None)
     from diyllm.locks import hold_folder_lock, remove_stale_temps
@@ -142,8 +143,8 @@ def prepare_dataset(
             if action == "done":
                 return found
             workers = num_workers if num_workers is not None else default_workers()
-            if plan.total_bytes < PARALLEL_MIN_BYTES:
-                workers = 1
+            if num_workers is None and plan.total_bytes < PARALLEL_MIN_BYTES:
+                workers = 1  # not worth starting processes (an explicit --workers is obeyed)
             meta = build.run(out, plan, found, workers, verbose)
     except UserError:
         if state == "absent" and not any(out.glob("train_*.bin")):
@@ -230,6 +231,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help="use only about this many bytes of input (quick runs)")
     parser.add_argument("--workers", type=int, default=None, help="encoding processes (default: all cores)")
     parser.add_argument("--overwrite", action="store_true", help="replace an existing dataset in --out")
+    parser.add_argument("--job_chars", "--job-chars", type=int, default=None,
+                        help="characters per encoding job (default 1M; smaller: finer resume points, same output)")
     parser.add_argument("--quiet", action="store_true", help="no progress output")
 
 
@@ -268,7 +271,7 @@ def run(args: argparse.Namespace) -> int:
             seed=args.seed, tokenizer_sample_bytes=args.tokenizer_sample_bytes, on_bad_utf8=args.on_bad_utf8,
             skip_bad_lines=args.skip_bad_lines, max_bytes=args.max_bytes, num_workers=args.workers,
             shard_tokens=args.shard_tokens, min_chars=args.min_chars, dedup=not args.no_dedup,
-            overwrite=args.overwrite, verbose=not args.quiet, **kwargs,
+            overwrite=args.overwrite, job_chars=args.job_chars, verbose=not args.quiet, **kwargs,
         )
     except KeyboardInterrupt:
         print(f"interrupted: the finished shards in {out} are kept; run the same command again to continue",

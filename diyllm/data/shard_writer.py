@@ -176,16 +176,31 @@ class ShardWriter:
             if file_sha256(path) != s["sha256"]:
                 raise ValueError(f"{path} does not match its checksum")
         nbytes = w.n * w.dtype.itemsize
+        final = w.folder / shard_name(split, w.index)
+        final_idx = final.with_suffix(".idx")
         if w.n:
-            if not w.partial_path.is_file() or w.partial_path.stat().st_size < nbytes:
-                raise ValueError(f"{w.partial_path} is shorter than its checkpoint")
-            starts = np.fromfile(w._partial_idx_path(), dtype="<u8") if w._partial_idx_path().is_file() else []
-            if len(starts) < int(state["documents"]):
+            # Killed after this shard was sealed but before the next checkpoint: its head is in the sealed file.
+            if not (w.partial_path.is_file() and w.partial_path.stat().st_size >= nbytes):
+                if not (final.is_file() and final.stat().st_size >= nbytes):
+                    raise ValueError(f"{w.partial_path} is shorter than its checkpoint")
+                with open(final, "rb") as src, open(w.partial_path, "wb") as dst:
+                    dst.write(src.read(nbytes))
+            docs = int(state["documents"])
+            starts = np.zeros(0, dtype="<u8")
+            for idx in (w._partial_idx_path(), final_idx):
+                if idx.is_file() and idx.stat().st_size >= 8 * docs:
+                    starts = np.fromfile(idx, dtype="<u8")
+                    break
+            if len(starts) < docs:
                 raise ValueError(f"{w._partial_idx_path()} is shorter than its checkpoint")
-            w.starts = [int(s) for s in starts[: int(state["documents"])]]
+            w.starts = [int(s) for s in starts[:docs]]
             with open(w.partial_path, "r+b") as f:
                 f.truncate(nbytes)
             w.hasher = _hash_file(w.partial_path, nbytes)
         else:
             w.partial_path.unlink(missing_ok=True)
+        done = {s["file"] for s in w.finished} | {s["offsets"] for s in w.finished}
+        for sealed in list(w.folder.glob(f"{split}_*.bin")) + list(w.folder.glob(f"{split}_*.idx")):
+            if sealed.name not in done:  # sealed after the checkpoint: it will be written again, identically
+                sealed.unlink()
         return w
