@@ -10,12 +10,14 @@ per split whose state is the whole sampling position: `state_dict()` restores th
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
-import torch
 
 from diyllm.errors import UserError
+
+if TYPE_CHECKING:  # torch is imported only to build batches: prepare's workers never load it
+    import torch
 
 SPLITS = ("train", "val")
 SAMPLING_MODES = ("random", "doc_aligned")
@@ -124,6 +126,8 @@ class TokenBatcher:
         return rng.integers(0, len(self.splits[split]) - self.context_length, size=batch_size)
 
     def get_batch(self, split: str, batch_size: int, device: torch.device | str = "cpu"):
+        import torch
+
         if split not in self.splits:
             raise ValueError(f"unknown split {split!r}; use one of {tuple(self.splits)}")
         data, T = self.splits[split], self.context_length
