@@ -101,6 +101,8 @@ class TrainConfig:
     max_nonfinite_steps: int = 10  # stop after this many consecutive NaN/inf steps
     grad_spike_factor: float = 10.0  # warn when grad norm > this x the median of the last 50
     peak_flops: float = 0.0  # per device, for MFU; 0: look the GPU up in a small table
+    # --- issue 12: reproducibility ---
+    deterministic: bool = False  # CUDA: torch.use_deterministic_algorithms + cuBLAS workspace (slower); CPU always is
 
     # ---------------------------------------------------------------------------------------------
     def validate(self) -> TrainConfig:
