@@ -351,3 +351,20 @@ def test_hub_sources_offline_cache_and_download_path(tmp_path, monkeypatch):
     monkeypatch.setattr(hf.HfApi, "list_repo_files", missing)
     with pytest.raises(UserError, match="no such dataset on the Hugging Face Hub .*HF_TOKEN"):
         resolve_hub_sources(["hf:someone/nothing"])
+
+
+def test_single_file_dataset_of_before_sharding_still_opens_and_samples(tmp_path):
+    """train.bin / val.bin and a meta.json without "shards" (format 1) read as one shard per split."""
+    ids = np.arange(3000, dtype=np.uint16) % 50
+    ids[::97] = 50  # an EOT every 97 tokens
+    ids[:2500].tofile(tmp_path / "train.bin")
+    ids[2500:].tofile(tmp_path / "val.bin")
+    (tmp_path / "meta.json").write_text(json.dumps({"vocab_size": 51, "dtype": "uint16", "eot_id": 50,
+                                                    "train_tokens": 2500, "val_tokens": 500}))
+    ds = open_dataset(tmp_path, require_val=True)
+    assert isinstance(load_split(tmp_path, "train"), np.memmap) and len(ds.splits["val"]) == 500
+    batcher = TokenBatcher(ds.splits, 16, sampling="doc_aligned")
+    starts = batcher.sample_starts("train", 64)
+    assert all(s == 0 or ids[s - 1] == 50 for s in starts)
+    rng = np.random.default_rng(np.random.SeedSequence([1337, 0, 0]))  # random mode = get_batch's windows
+    assert TokenBatcher(ds.splits, 16).sample_starts("train", 8).tolist() == rng.integers(0, 2500 - 16, 8).tolist()
