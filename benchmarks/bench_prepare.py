@@ -101,15 +101,17 @@ def raw_tiktoken(texts: list[str], tok_file: str, workers: int) -> float:
 
 
 def run_prepare(src: Path, out: Path, tok_file: str, workers: int) -> tuple[float, int, int]:
-    """(seconds, peak RSS KB of the prepare process, of its largest worker) for a CLI prepare run."""
+    """(seconds, peak RSS KB of the prepare process, of its largest worker) for a prepare run in a subprocess."""
     code = (
         "import resource, sys, time\n"
         "from diyllm.data import prepare_dataset\n"
         "t0 = time.perf_counter()\n"
         f"prepare_dataset({str(src)!r}, {str(out)!r}, tokenizer={tok_file!r}, num_workers={workers}, verbose=False)\n"
         "dt = time.perf_counter() - t0\n"
-        "print(dt, resource.getrusage(resource.RUSAGE_SELF).ru_maxrss,"
-        " resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss)\n"
+        # VmHWM, not RUSAGE_SELF: Linux carries ru_maxrss across exec, so it would include this benchmark's
+        # own memory at fork time (the corpus texts it holds)
+        "hwm = [int(l.split()[1]) for l in open('/proc/self/status') if l.startswith('VmHWM')][0]\n"
+        "print(dt, hwm, resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss)\n"
     )
     r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
     dt, main_kb, child_kb = r.stdout.split()
