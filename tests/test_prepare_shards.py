@@ -249,7 +249,7 @@ def _write(path):
     return path
 
 
-def test_sharded_reading_and_doc_aligned_sampling(tmp_path):
+def test_sharded_reading_and_doc_aligned_sampling(tmp_path, capsys):
     out = tmp_path / "o"
     prepare_dataset(_write(tmp_path / "in.jsonl"), out, vocab_size=300, verbose=False, shard_tokens=777)
     ds = open_dataset(out)
@@ -271,6 +271,16 @@ def test_sharded_reading_and_doc_aligned_sampling(tmp_path):
     assert (x[:, 1:] == y[:, :-1]).all() and x.shape == (16, 24)
     tok = load_tokenizer(out / "tokenizer.json")
     assert all(tok.decode(row[:6].tolist()).startswith("story ") for row in x)  # every window opens a document
+    assert main(["inspect-data", str(out), "--shard", "2", "--verify", "--context", "4"]) == 0
+    shown = capsys.readouterr().out
+    assert "window at train_00002.bin[" in shown and shown.count("sha256 ok") == len(ds.meta["shards"]["train"]) + 1
+    with open(out / "train_00001.bin", "r+b") as f:  # same size, one byte flipped: only the checksum sees it
+        f.seek(10)
+        low = f.read(1)[0]  # the low byte of a little-endian id: the id stays below vocab_size
+        f.seek(10)
+        f.write(bytes([low ^ 1]))
+    assert main(["inspect-data", str(out), "--verify"]) == 2
+    assert "train_00001.bin does not match its SHA-256" in capsys.readouterr().err
 
 
 def test_exact_training_resume_over_three_shards(tmp_path):

@@ -84,7 +84,8 @@ def run(args: argparse.Namespace) -> int:
     start = int(np.random.default_rng(args.seed).integers(0, n - T))
     window = np.asarray(data[start : start + T + 1]).astype(np.int64)
     x, y = window[:-1], window[1:]
-    print(f"\nwindow at {args.split}[{start}:{start + T + 1}]  (y is x shifted by one)")
+    where = args.split if args.shard is None else shards[args.split][args.shard]["file"]
+    print(f"\nwindow at {where}[{start}:{start + T + 1}]  (y is x shifted by one)")
     print(f"{'t':>4}  {'x id':>7}  {'x token':<20}  {'y id':>7}  {'y token':<20}")
     for t in range(T):
         print(f"{t:>4}  {x[t]:>7}  {_show(tok, x[t]):<20}  {y[t]:>7}  {_show(tok, y[t]):<20}")

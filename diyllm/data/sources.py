@@ -1,6 +1,6 @@
 """Finding corpus files (files, folders, globs) and reading text files: UTF-8 decoding and the tail split.
 
-Everything here streams (files are read in blocks, JSONL line by line) so that preparing a corpus never
+Everything here streams (files are read in blocks) so that preparing a corpus never
 needs it in memory. Bad input is reported with the file and position so the user can fix it.
 """
 
