@@ -10,6 +10,7 @@ A module that sets ``ACCEPTS_OVERRIDES = True`` receives the unparsed ``--key=va
 from __future__ import annotations
 
 import argparse
+import errno
 import importlib
 import sys
 
@@ -83,7 +84,23 @@ def main(argv: list[str] | None = None) -> int:
     except UserError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
+    except OSError as exc:  # a full disk or a read-only folder is the user's to fix too, without a traceback
+        if exc.errno not in WRITE_ERRNOS:
+            raise
+        print(f"error: {describe_os_error(exc)}", file=sys.stderr)
+        return 2
     return int(rc or 0)
+
+
+# errno values that mean "this machine's disk/permissions", not a bug: shown as one error line
+WRITE_ERRNOS = (errno.ENOSPC, errno.EDQUOT, errno.EROFS, errno.EACCES, errno.EPERM, errno.EFBIG)
+
+
+def describe_os_error(exc: OSError) -> str:
+    where = f" {exc.filename}" if exc.filename else ""
+    if exc.errno in (errno.ENOSPC, errno.EDQUOT, errno.EFBIG):
+        return f"disk full while writing{where}; files written before are intact; free some space and run again"
+    return f"cannot write{where}: {exc.strerror} (read-only folder or not yours?); choose a writable location"
 
 
 if __name__ == "__main__":

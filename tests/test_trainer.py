@@ -154,10 +154,10 @@ def test_gradient_accumulation_matches_one_big_batch(tmp_path):
     finally:
         big.close()
         small.close()
-    r1 = train(tiny_cfg("unused", tmp_path / "big", batch_size=8, gradient_accumulation_steps=1, **common),
-               StreamSource())
-    r2 = train(tiny_cfg("unused", tmp_path / "small", batch_size=2, gradient_accumulation_steps=4, **common),
-               StreamSource())
+    r1 = train(tiny_cfg("unused", tmp_path / "big", batch_size=8, gradient_accumulation_steps=1, overwrite=True,
+                        **common), StreamSource())  # overwrite: setup() above wrote config.json/metrics.jsonl
+    r2 = train(tiny_cfg("unused", tmp_path / "small", batch_size=2, gradient_accumulation_steps=4, overwrite=True,
+                        **common), StreamSource())
     assert r1.tokens_seen == r2.tokens_seen == 20 * 8 * 16
     l1, l2 = train_losses(tmp_path / "big"), train_losses(tmp_path / "small")
     assert sorted(l1) == list(range(1, 21))
@@ -235,7 +235,7 @@ def test_init_from_hf_folder_and_run_folder(tiny_data, tmp_path):
     saved = read_checkpoint(tmp_path / "a" / "latest.pt")["model"]
     export_checkpoint(tmp_path / "a" / "latest.pt", tmp_path / "hf")
     for spec in (f"hf:{tmp_path / 'hf'}", str(tmp_path / "a")):
-        trainer = Trainer(tiny_cfg(tiny_data, tmp_path / "b", init_from=spec)).setup()
+        trainer = Trainer(tiny_cfg(tiny_data, tmp_path / "b", init_from=spec, overwrite=True)).setup()
         try:
             state = trainer.model.state_dict()
             assert state.keys() == saved.keys()
@@ -442,7 +442,7 @@ def test_mixed_precision_trains_and_resumes(tiny_data, tmp_path, dtype):
 # ---- preemption ------------------------------------------------------------------------------------------------
 
 
-def test_sigterm_writes_a_checkpoint_and_exits_cleanly(tiny_data, tmp_path):
+def test_sigterm_writes_a_checkpoint_and_exits_143(tiny_data, tmp_path):
     out = tmp_path / "run"
     cmd = [sys.executable, "-m", "diyllm", "train", "shakespeare_char_cpu", f"--data_dir={tiny_data}",
            f"--out_dir={out}", "--max_iters=100000", "--eval_interval=0", "--checkpoint_interval=0",
@@ -461,7 +461,7 @@ def test_sigterm_writes_a_checkpoint_and_exits_cleanly(tiny_data, tmp_path):
         pytest.fail("training did not start within 60 s:\n" + proc.communicate()[0])
     proc.send_signal(signal.SIGTERM)
     output, _ = proc.communicate(timeout=60)
-    assert proc.returncode == 0, output
+    assert proc.returncode == 128 + signal.SIGTERM, output  # 143: stopped by a signal, checkpoint saved
     assert "SIGTERM received" in output and "stopped by signal" in output
     ckpt = read_checkpoint(out / "latest.pt")
     end = read_metrics(out)[-1]

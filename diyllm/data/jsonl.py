@@ -62,10 +62,24 @@ def iter_jsonl(path: str, key: str | None = None) -> Iterator[tuple[int, Any]]:
 
     A malformed line is an error naming file and line, because silently skipping data hides real bugs.
     """
-    with open(path, encoding="utf-8") as f:
-        for lineno, line in enumerate(f, start=1):
-            if line.strip():
-                yield lineno, parse_line(line, path, lineno, key)
+    for lineno, line in iter_text_lines(path):
+        if line.strip():
+            yield lineno, parse_line(line, path, lineno, key)
+
+
+def iter_text_lines(path: str) -> Iterator[tuple[int, str]]:
+    """(line number, text) of a UTF-8 file; bytes that are not UTF-8 are an error naming line and byte offset
+    (decoding the whole file in text mode would fail with a traceback that names neither)."""
+    offset = 0
+    with open(path, "rb") as f:
+        for lineno, raw in enumerate(f, start=1):
+            try:
+                yield lineno, raw.decode("utf-8")
+            except UnicodeDecodeError as exc:
+                raise UserError(f"{path}:{lineno}: bytes that are not UTF-8 at byte offset {offset + exc.start} "
+                                f"({raw[exc.start:exc.start + 4]!r}); re-encode the file as UTF-8 "
+                                "(e.g. `iconv -f latin1 -t utf-8`)") from None
+            offset += len(raw)
 
 
 def parse_line(line: str, path: str, lineno: int, key: str | None = None) -> Any:
@@ -78,6 +92,9 @@ def parse_line(line: str, path: str, lineno: int, key: str | None = None) -> Any
         return obj
     if not isinstance(obj, dict) or key not in obj:
         raise UserError(f'{path}:{lineno}: expected an object with a "{key}" field, got {line.strip()[:80]!r}')
+    if key == "text" and not isinstance(obj[key], str):
+        raise UserError(f'{path}:{lineno}: "text" must be a string, got {type(obj[key]).__name__} '
+                        f"{json.dumps(obj[key])[:40]}")
     return obj[key]
 
 

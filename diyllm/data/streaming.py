@@ -31,7 +31,8 @@ import numpy as np
 import torch
 from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 
-from diyllm.data.jsonl import IGNORE_INDEX, is_val_document, parse_line, resolve_jsonl_paths
+from diyllm.data.jsonl import IGNORE_INDEX, is_val_document, iter_text_lines, parse_line, resolve_jsonl_paths
+from diyllm.errors import UserError
 
 
 def shuffle_buffer(items: Iterator[Any], size: int, rng: np.random.Generator) -> Iterator[Any]:
@@ -99,14 +100,13 @@ class StreamingJsonlDataset(IterableDataset):
             # Shard on raw lines: a worker JSON-parses only the documents it keeps.
             counter = itertools.count()
             for path in self.file_order():
-                with open(path, encoding="utf-8") as f:
-                    for lineno, line in enumerate(f, start=1):
-                        if not line.strip():
-                            continue
-                        if self.split is not None and is_val_document(path, lineno) != (self.split == "val"):
-                            continue
-                        if next(counter) % num_shards == shard:
-                            yield parse_line(line, path, lineno, self.key)
+                for lineno, line in iter_text_lines(path):
+                    if not line.strip():
+                        continue
+                    if self.split is not None and is_val_document(path, lineno) != (self.split == "val"):
+                        continue
+                    if next(counter) % num_shards == shard:
+                        yield parse_line(line, path, lineno, self.key)
 
         rng = np.random.default_rng([self.seed, self.epoch, 1 + shard])
         return shuffle_buffer(mine(), self.shuffle_buffer, rng)
@@ -157,10 +157,23 @@ def endless_batches(ds: StreamingJsonlDataset, batch_size: int, num_workers: int
         ds.set_epoch(epoch)
         loader = DataLoader(ds, batch_size=batch_size, num_workers=num_workers)
         empty = True
-        for batch in loader:
+        for batch in _worker_errors_unwrapped(loader):
             empty = False
             produced += 1
             if produced > skip:
                 yield batch
         if empty:
             raise ValueError("the streaming dataset produced no rows (empty split or documents too short)")
+
+
+def _worker_errors_unwrapped(loader: DataLoader) -> Iterator:
+    """A UserError raised in a DataLoader worker (e.g. a bad JSONL line) arrives re-raised with the worker's
+    whole traceback as its message; give the user back the one line that was raised."""
+    try:
+        yield from loader
+    except UserError as exc:
+        text = str(exc)
+        if "Traceback" not in text:
+            raise
+        last = text.rstrip().splitlines()[-1]
+        raise UserError(last.split("UserError: ", 1)[-1]) from None

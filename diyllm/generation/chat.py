@@ -60,7 +60,11 @@ class ChatSession:
 
         room = min(self.max_new_tokens, max(1, self.context_length // 4))
         while True:
-            ids, _ = encode_chat(self.tokenizer, self._messages(), add_generation_prompt=True)
+            try:
+                ids, _ = encode_chat(self.tokenizer, self._messages(), add_generation_prompt=True)
+            except ValueError as exc:  # e.g. a character outside a char tokenizer's vocabulary
+                self.history.pop()
+                raise UserError(f"cannot encode the message with this checkpoint's tokenizer: {exc}") from None
             if len(ids) + room <= self.context_length:
                 return ids
             if len(self.history) <= 1:
@@ -107,6 +111,8 @@ def chat_loop(session: ChatSession, lines: Iterable[str], out: TextIO, interacti
                 out.write(piece)
                 out.flush()
         except UserError as exc:
+            if not interactive:  # --prompt: an error line and exit code 2, not a reply
+                raise
             out.write(f"\n(error: {exc})\n")
             continue
         out.write("\n")

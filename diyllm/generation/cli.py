@@ -38,9 +38,16 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--device", default="auto", help="auto, cpu, cuda, mps")
 
 
+# Samples are generated this many at a time, so --num_samples 100000 needs the memory of one batch.
+SAMPLE_BATCH = 64
+
+
 def _prompt_ids(tokenizer, prompt: str) -> list[int]:
     if prompt:
-        ids = tokenizer.encode(prompt)
+        try:
+            ids = tokenizer.encode(prompt)
+        except ValueError as exc:  # e.g. a character outside a char tokenizer's vocabulary
+            raise UserError(f"--prompt cannot be encoded with this checkpoint's tokenizer: {exc}") from None
         if ids:
             return ids
     if getattr(tokenizer, "eot_id", None) is not None:
@@ -77,6 +84,10 @@ def run(args: argparse.Namespace) -> int:
     if tokenizer is None:
         raise UserError(f"{args.ckpt} holds no tokenizer, so text cannot be encoded; retrain with `diyllm train`")
     ids = _prompt_ids(tokenizer, args.prompt)
+    ctx = model.config.context_length
+    if args.context == "stop" and len(ids) > ctx:
+        raise UserError(f"--prompt is {len(ids)} tokens, longer than the model's context of {ctx} tokens, and "
+                        "--context stop keeps every prompt token; shorten it or use --context slide")
     options = dict(temperature=args.temperature, top_k=args.top_k, top_p=args.top_p,
                    repetition_penalty=args.repetition_penalty, seed=args.seed, use_cache=not args.no_cache,
                    context=args.context, vocab_limit=tokenizer.vocab_size)
@@ -99,14 +110,19 @@ def run(args: argparse.Namespace) -> int:
             sys.stdout.write("\n")
             num_tokens = stats.get("num_tokens", 0)
         else:
-            rows = generate(model, [ids] * args.num_samples, args.max_new_tokens, stop_ids=stop_ids, **options)
-            num_tokens = sum(len(r) for r in rows)
-            for i, row in enumerate(rows):
-                text = tokenizer.decode(row)
-                for s in args.stop:
-                    text = text.split(s, 1)[0]
-                print(f"--- sample {i + 1}/{args.num_samples} ---")
-                print(args.prompt + text)
+            done = 0
+            while done < args.num_samples:  # in batches: memory stays that of SAMPLE_BATCH samples
+                n = min(SAMPLE_BATCH, args.num_samples - done)
+                rows = generate(model, [ids] * n, args.max_new_tokens, stop_ids=stop_ids,
+                                **{**options, "seed": None if args.seed is None else args.seed + done})
+                num_tokens += sum(len(r) for r in rows)
+                for i, row in enumerate(rows, start=done + 1):
+                    text = tokenizer.decode(row)
+                    for s in args.stop:
+                        text = text.split(s, 1)[0]
+                    print(f"--- sample {i}/{args.num_samples} ---")
+                    print(args.prompt + text)
+                done += n
     elapsed = time.perf_counter() - start
     sys.stdout.flush()  # the text first, then the notes on stderr
     for w in caught:

@@ -33,7 +33,7 @@ from diyllm.lab.common import save_png
 from diyllm.model import DIYConfig, DIYForCausalLM
 from diyllm.model.attention import causal_mask
 from diyllm.model.rope import apply_rotary
-from diyllm.training.checkpoint import read_checkpoint
+from diyllm.training.checkpoint import read_checkpoint, resolve_checkpoint_path
 from diyllm.training.optim import AdamW
 
 ACCEPTS_OVERRIDES = True
@@ -341,7 +341,7 @@ def _batch_from(data_dir: str | None, vocab_size: int, context_length: int, batc
 
 def load_for_diagnosis(ckpt: str) -> tuple[DIYForCausalLM, dict]:
     """Model (float32, CPU) and checkpoint dict, without needing the tokenizer."""
-    state = read_checkpoint(ckpt)
+    state = read_checkpoint(resolve_checkpoint_path(ckpt))  # a run folder means its best.pt / latest.pt
     if "model_config" not in state:
         raise UserError(f"{ckpt} has no 'model_config'; it was not written by `diyllm train`")
     model = DIYForCausalLM(DIYConfig.from_dict(state["model_config"]))
@@ -368,7 +368,7 @@ def run(args: argparse.Namespace) -> int:
         model, state = load_for_diagnosis(args.ckpt)
         tc = state.get("train_config") or {}
         opt_state = state.get("optimizer")
-        default_out = Path(args.ckpt).with_name("diagnose.png")
+        default_out = Path(resolve_checkpoint_path(args.ckpt)).with_name("diagnose.png")
     else:
         from diyllm.training.config import load_config
 

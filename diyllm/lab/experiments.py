@@ -111,7 +111,8 @@ def _pretrain_vs_sft(out: Path, s: dict, quick: bool, device: str, seed: int, sh
     common = dict(context_length=s["context_length"], d_model=s["d_model"], num_layers=s["num_layers"],
                   num_heads=s["num_heads"], batch_size=s["batch_size"], device=device, dtype="float32", seed=seed,
                   progress=not quick, eval_iters=4, log_interval=max(1, s["pretrain_iters"] // 5),
-                  weight_decay=0.0, dropout=0.0, warmup_iters=20, checkpoint_interval=0)
+                  weight_decay=0.0, dropout=0.0, warmup_iters=20, checkpoint_interval=0,
+                  overwrite=True)  # the experiment rebuilds its own folder (data included) on every run
     log(f"[1/4] pretraining a {s['num_layers']}-layer d={s['d_model']} byte-level model on "
         f"{s['pretrain_docs']} plain-text documents ({s['pretrain_iters']} iterations)")
     pre_cfg = TrainConfig(data_dir=str(paths["pretrain"]), data_format="jsonl",

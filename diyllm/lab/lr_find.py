@@ -159,6 +159,21 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--seed", type=int, default=None, help="default: the config's seed")
 
 
+def _initial_model(cfg):
+    """A fresh model of the config's shape, or with init_from=PATH / hf:DIR that checkpoint's weights (the
+    range test always starts a fresh optimizer, so init_from=resume has no meaning here and is refused)."""
+    if cfg.init_from == "scratch":
+        return build_model(cfg)
+    if cfg.init_from == "resume":
+        raise UserError("lr-find always starts a fresh optimizer, so init_from=resume does not apply; pass "
+                        "--init_from=RUN_DIR (or a .pt file) to run the range test from that run's weights")
+    from diyllm.training.checkpoint import load_model
+
+    model, _, _ = load_model(cfg.init_from)
+    print(f"lr-find: starting from the weights of {cfg.init_from}")
+    return model.train()
+
+
 def run(args: argparse.Namespace) -> int:
     from diyllm.training.config import load_config
 
@@ -166,7 +181,7 @@ def run(args: argparse.Namespace) -> int:
     num_iters = args.num_iters or (40 if tiny_mode() else 200)
     seed = cfg.seed if args.seed is None else args.seed
     torch.manual_seed(seed)
-    model = build_model(cfg)
+    model = _initial_model(cfg)
     n = model.num_parameters()
     print(f"lr-find: {n:,} parameters, batch {cfg.batch_size}x{cfg.context_length} tokens, "
           f"{num_iters} steps from lr {args.start_lr:g} to {args.end_lr:g}")

@@ -212,6 +212,10 @@ def run_sweep(plan: SweepPlan, panels: tuple[str, ...] = ("loss",), x: str = "st
             cfg = replace(cfg, init_from="resume")
             print(f"[{i}/{len(configs)}] {name}: resuming from {out_dir / 'latest.pt'}")
         else:
+            if out_dir.is_dir() and any(out_dir.iterdir()):  # a run that died before its first checkpoint
+                from diyllm.training.config import replace
+
+                cfg = replace(cfg, overwrite=True)
             print(f"[{i}/{len(configs)}] {name}: training")
         t0 = time.perf_counter()
         try:

@@ -15,6 +15,7 @@ from torch import nn
 
 from diyllm.atomic import atomic_write
 from diyllm.errors import UserError
+from diyllm.training.integrity import seal, verify
 
 
 def unwrap_model(model: nn.Module) -> nn.Module:
@@ -39,6 +40,7 @@ def save_checkpoint(
     state = {"model": unwrap_model(model).state_dict(), "iteration": int(iteration), **extra}
     if optimizer is not None:
         state["optimizer"] = optimizer.state_dict()
+    seal(state)  # a checksum of the contents, verified by read_checkpoint
     if isinstance(out, (str, os.PathLike)):
         with atomic_write(out) as f:
             torch.save(state, f)
@@ -57,6 +59,7 @@ def read_checkpoint(src: str | os.PathLike | BinaryIO | IO[bytes], map_location:
         raise UserError(f"could not read checkpoint {name}: {exc} (is it a complete diyllm checkpoint?)") from exc
     if not isinstance(state, dict) or "model" not in state:
         raise UserError(f"{name} is not a diyllm checkpoint (no 'model' entry)")
+    verify(state, name)  # raises CheckpointCorrupted when the contents do not match their checksum
     return state
 
 

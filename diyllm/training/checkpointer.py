@@ -25,8 +25,10 @@ from typing import Any
 import torch
 from torch import nn
 
+from diyllm.errors import UserError
 from diyllm.training.checkpoint import read_checkpoint, save_checkpoint, unwrap_model
 from diyllm.training.distributed import DistInfo
+from diyllm.training.run_folder import WRITE_ERRNOS, describe_write_error, read_resume_checkpoint, write_with_history
 
 
 class Checkpointer:
@@ -48,13 +50,27 @@ class Checkpointer:
     def restore(self, ckpt: dict[str, Any], model: nn.Module, optimizer: torch.optim.Optimizer | None) -> None:
         raise NotImplementedError
 
+    def load_for_resume(self, warn) -> tuple[dict[str, Any], Path]:
+        """The checkpoint init_from=resume continues: latest.pt (a checkpointer with older copies falls
+        back to the newest good one, calling `warn` to say so). Raises UserError when there is none."""
+        if not self.exists("latest.pt"):
+            raise UserError(f"init_from=resume but {self.path('latest.pt')} does not exist; nothing to resume "
+                            "(use init_from=scratch to start a new run)")
+        return self.load("latest.pt"), self.path("latest.pt")
+
 
 class SingleFileCheckpointer(Checkpointer):
-    """out_dir/NAME: one file per checkpoint, written by rank 0 only (all ranks hold the same weights)."""
+    """out_dir/NAME: one file per checkpoint, written by rank 0 only (all ranks hold the same weights).
 
-    def __init__(self, out_dir: str | os.PathLike, dist: DistInfo | None = None):
+    Every file carries a checksum verified on load (diyllm.training.integrity). latest.pt keeps history:
+    the one it replaces becomes previous.pt (`keep` files in all, see diyllm.training.run_folder), and
+    load_for_resume falls back to the newest good one when latest.pt is missing or damaged.
+    """
+
+    def __init__(self, out_dir: str | os.PathLike, dist: DistInfo | None = None, keep: int = 2):
         self.out_dir = Path(out_dir)
         self.dist = dist or DistInfo()
+        self.keep = keep
 
     def path(self, name: str) -> Path:
         return self.out_dir / name
@@ -65,12 +81,26 @@ class SingleFileCheckpointer(Checkpointer):
     def save(self, name: str, model: nn.Module, optimizer: torch.optim.Optimizer, iteration: int,
              **entries: Any) -> None:
         if self.dist.is_main:
-            save_checkpoint(model, optimizer, iteration, self.path(name), **entries)
+            path = self.path(name)
+            try:
+                if name == "latest.pt":  # the old latest.pt becomes previous.pt
+                    with write_with_history(path, self.keep) as f:
+                        save_checkpoint(model, optimizer, iteration, f, **entries)
+                else:
+                    save_checkpoint(model, optimizer, iteration, path, **entries)
+            except OSError as exc:  # a full disk: say which file, and which one is still intact
+                if exc.errno not in WRITE_ERRNOS:
+                    raise
+                intact = path if path.exists() else self.path("previous.pt")
+                raise UserError(describe_write_error(exc, path, intact)) from exc
         if self.dist.enabled:  # no rank may go on (e.g. to a next run resuming it) before the file is whole
             torch.distributed.barrier()
 
     def load(self, name: str) -> dict[str, Any]:
         return read_checkpoint(self.path(name))
+
+    def load_for_resume(self, warn) -> tuple[dict[str, Any], Path]:
+        return read_resume_checkpoint(self.out_dir, read_checkpoint, warn)
 
     def restore(self, ckpt: dict[str, Any], model: nn.Module, optimizer: torch.optim.Optimizer | None) -> None:
         unwrap_model(model).load_state_dict(ckpt["model"])

@@ -41,5 +41,6 @@ def run(args: argparse.Namespace) -> int:
     from diyllm.training.distributed import finish_worker
     from diyllm.training.trainer import train
 
-    train(cfg)
-    return finish_worker(0)
+    result = train(cfg)
+    # a run stopped by SIGTERM/SIGINT (checkpoint saved) exits 128 + signal (143 / 130), not 0
+    return finish_worker(128 + result.stop_signal if result.stop_signal else 0)

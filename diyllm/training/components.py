@@ -91,6 +91,7 @@ class StopSignal:
 
     def __init__(self, log):
         self.requested = False
+        self.signum = 0  # the first signal received (the CLI exits with 128 + it)
         self.log = log
         self._old: dict[int, Any] = {}
 
@@ -104,6 +105,7 @@ class StopSignal:
         if self.requested and signum == signal.SIGINT:
             raise KeyboardInterrupt
         self.requested = True
+        self.signum = self.signum or int(signum)
         self.log(f"\n{signal.Signals(signum).name} received: finishing this step, saving a checkpoint, then "
                  "exiting (Ctrl-C again to abort now)")
 

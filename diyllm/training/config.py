@@ -101,6 +101,9 @@ class TrainConfig:
     max_nonfinite_steps: int = 10  # stop after this many consecutive NaN/inf steps
     grad_spike_factor: float = 10.0  # warn when grad norm > this x the median of the last 50
     peak_flops: float = 0.0  # per device, for MFU; 0: look the GPU up in a small table
+    # --- issue 13: run-folder safety ---
+    overwrite: bool = False  # start a new run in an out_dir that holds one (its run files are removed first)
+    keep_checkpoints: int = 2  # latest.pt plus this many - 1 older copies (previous.pt, ...) to fall back to
     # --- issue 12: reproducibility ---
     deterministic: bool = False  # CUDA: torch.use_deterministic_algorithms + cuBLAS workspace (slower); CPU always is
 
@@ -158,6 +161,13 @@ class TrainConfig:
                  f"num_kv_heads={kv}")
             need(self.d_model % self.num_heads or (self.d_model // self.num_heads) % 2 == 0,
                  f"head size d_model/num_heads={self.d_model // self.num_heads} must be even for RoPE")
+        # --- issue 13: values that are accepted by type but make every step NaN or fail later ---
+        need(self.seed >= 0, f"seed={self.seed} must be >= 0 (torch seeds are unsigned)")
+        need(self.init_std is None or (self.init_std > 0 and math.isfinite(self.init_std)),
+             f"init_std={self.init_std} must be a finite value > 0 (or none for the per-layer init)")
+        need(self.rope_theta > 0 and math.isfinite(self.rope_theta), f"rope_theta={self.rope_theta} must be > 0")
+        need(self.norm_eps > 0 and math.isfinite(self.norm_eps), f"norm_eps={self.norm_eps} must be > 0")
+        need(self.keep_checkpoints >= 1, f"keep_checkpoints={self.keep_checkpoints} must be >= 1")
         if problems:
             raise UserError("invalid training config:\n  - " + "\n  - ".join(problems))
         return self

@@ -23,6 +23,7 @@ class TrainResult:
     stopped_early: bool
     stop_reason: str = ""  # "" (ran to max_iters) | "early_stopping" | "signal"
     skipped_steps: int = 0  # optimizer steps skipped for a non-finite loss/gradient
+    stop_signal: int = 0  # the signal number when stop_reason == "signal" (the CLI exits with 128 + it)
 
 
 class ThroughputWindow:

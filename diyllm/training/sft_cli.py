@@ -128,5 +128,6 @@ def run(args: argparse.Namespace) -> int:
         print(cfg.to_json())
         return 0
     cfg, source, model = prepare_sft(cfg)
-    train(cfg, source=source, model=model)
-    return finish_worker(0)
+    result = train(cfg, source=source, model=model)
+    # a run stopped by SIGTERM/SIGINT (checkpoint saved) exits 128 + signal (143 / 130), not 0
+    return finish_worker(128 + result.stop_signal if result.stop_signal else 0)

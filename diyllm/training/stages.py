@@ -32,6 +32,7 @@ from diyllm.training.health import HealthMonitor
 from diyllm.training.loop_state import LoopState
 from diyllm.training.metrics import MetricsLogger, peak_flops
 from diyllm.training.parallel import default_parallel
+from diyllm.training.schedule import check_resume_schedule
 
 
 class SetupStages:
@@ -73,6 +74,7 @@ class SetupStages:
         if cfg.init_from not in ("scratch", "resume"):
             init_ckpt, where = read_init_checkpoint(cfg.init_from)  # a .pt, a run folder, or hf:DIR
             self.ckpt_path = Path(where)
+            self.carried_tokenizer = init_ckpt.get("tokenizer")
         if self.given_model is not None:
             self.model = self.given_model
             self.model_config = getattr(unwrap_model(self.model), "config", None) or build.model_config_from(
@@ -116,17 +118,17 @@ class SetupStages:
     def _setup_restore(self) -> None:
         cfg = self.cfg
         self.out_dir = Path(cfg.out_dir)
-        self.checkpointer = self.checkpointer or SingleFileCheckpointer(self.out_dir, self.dist)
+        self.checkpointer = self.checkpointer or SingleFileCheckpointer(self.out_dir, self.dist, cfg.keep_checkpoints)
         self.resumed = cfg.init_from == "resume"
         if not self.resumed:
             self.state = LoopState()
             return
-        if not self.checkpointer.exists("latest.pt"):
-            raise UserError(f"init_from=resume but {self.checkpointer.path('latest.pt')} does not exist; nothing "
-                            "to resume (use init_from=scratch to start a new run)")
-        self.ckpt_path = self.checkpointer.path("latest.pt")
-        ckpt = self.checkpointer.load("latest.pt")
-        resume.check_compatible(ckpt, self.model_config, getattr(self.source, "tokenizer", None), "latest.pt")
+        # latest.pt, or (with a warning) the newest good previous*.pt when it is missing or damaged
+        ckpt, self.ckpt_path = self.checkpointer.load_for_resume(self.warn)
+        self.carried_tokenizer = ckpt.get("tokenizer")
+        check_resume_schedule(cfg, ckpt, self.ckpt_path, self.warn)
+        resume.check_compatible(ckpt, self.model_config, getattr(self.source, "tokenizer", None),
+                                str(self.ckpt_path))
         self.checkpointer.restore(ckpt, self.model, self.optimizer)
         if self.scaler is not None and ckpt.get("scaler"):
             self.scaler.load_state_dict(ckpt["scaler"])
@@ -138,13 +140,11 @@ class SetupStages:
 
     def _setup_outputs(self) -> None:
         cfg, dist = self.cfg, self.dist
-        self.tokenizer_json = resume.tokenizer_text(self.source)
+        # a data folder without tokenizer.json must not strip the tokenizer from the new checkpoints
+        self.tokenizer_json = resume.tokenizer_text(self.source) or getattr(self, "carried_tokenizer", None)
         self.bytes_per_token = getattr(self.source, "bytes_per_token", None)
         if dist.is_main:
             self.out_dir.mkdir(parents=True, exist_ok=True)
-            if cfg.init_from == "scratch" and (self.out_dir / "latest.pt").exists():
-                self.warn(f"{self.out_dir} holds a previous run; its checkpoints will be overwritten "
-                          "(use --init_from=resume to continue it instead)")
             with atomic_write(self.out_dir / "config.json", "w", encoding="utf-8") as f:
                 f.write(cfg.to_json() + "\n")
             if self.tokenizer_json:

@@ -50,6 +50,7 @@ from diyllm.training.metrics import format_eval_line, format_train_line
 from diyllm.training.objective import NextTokenLoss, Objective, ObjectiveOutput
 from diyllm.training.parallel import ParallelWrapper
 from diyllm.training.report import TrainResult
+from diyllm.training.run_folder import RunFolder
 from diyllm.training.schedule import lr_at
 from diyllm.training.stages import SetupStages
 
@@ -79,6 +80,8 @@ class Trainer(SetupStages):
         self.parallel, self.checkpointer = parallel, checkpointer
         self.state = LoopState()
         self.bar = self.metrics = self.dist = None
+        self.run_folder: RunFolder | None = None  # issue 13: the run folder's lock and start-up rules
+        self.setup_failed = self.saved_any = False
 
     # ---- entry points ---------------------------------------------------------------------------------
     def run(self) -> TrainResult:
@@ -86,19 +89,37 @@ class Trainer(SetupStages):
             self.setup()
             with StopSignal(self.log) as self.stop_signal:
                 return self.loop()
+        except UserError:
+            # bad input found once training started (e.g. a bad JSONL line read lazily): a run folder this run
+            # created and that holds no checkpoint yet is removed again, as after a failed setup
+            self.setup_failed = self.setup_failed or not self.saved_any
+            raise
         finally:
             self.close()
 
     def setup(self) -> Trainer:
         """The stages, in the order they depend on each other."""
+        try:
+            self._setup_stages()
+        except BaseException:
+            self.setup_failed = True  # close() then removes a run folder this run created
+            raise
+        return self
+
+    def _setup_stages(self) -> None:
         self._setup_runtime()    # processes (torchrun), device, dtype, threads, seeds
+        self._setup_run_folder()  # lock out_dir; refuse one holding a run (unless resume/overwrite); stale temps
         self._setup_data()       # the batch source, checked against the config
         self._setup_model()      # built from the config, or from init_from's shape and weights
         self._setup_wrap()       # compiled and/or parallel: the module the hot loop calls
         self._setup_optimizer()  # after wrap: a sharding wrapper replaces the parameters
         self._setup_restore()    # init_from=resume: weights, optimizer, counters, data position, RNGs
         self._setup_outputs()    # run folder, metrics, evaluation / checkpoint / early-stopping parts
-        return self
+
+    def _setup_run_folder(self) -> None:
+        if self.dist.is_main:  # one writer per run folder (diyllm.training.run_folder)
+            self.run_folder = RunFolder(self.cfg.out_dir, self.log).open(resume=self.cfg.init_from == "resume",
+                                                                         overwrite=self.cfg.overwrite)
 
     def close(self) -> None:
         if self.metrics is not None:
@@ -106,6 +127,9 @@ class Trainer(SetupStages):
         if self.bar is not None:
             self.bar.close()
             self.bar = None
+        if self.run_folder is not None:
+            self.run_folder.close(failed=self.setup_failed)
+            self.run_folder = None
         if self.dist is not None:
             cleanup_distributed(self.dist)
 
@@ -223,6 +247,7 @@ class Trainer(SetupStages):
         if self.objective.state_dict():
             entries["objective"] = self.objective.state_dict()
         self.checkpointer.save(name, self.model, self.optimizer, self.state.iteration, **entries)
+        self.saved_any = True
 
     def elapsed(self) -> float:
         return self.state.elapsed_before + time.perf_counter() - self.t0
@@ -293,7 +318,8 @@ class Trainer(SetupStages):
             best_val_loss=state.best_val_loss, final_train_loss=state.last_eval.get("train_loss", last_loss),
             final_val_loss=state.last_eval.get("val_loss", math.nan), wall_time_s=self.elapsed(),
             num_params=self.num_params, stopped_early=bool(stop_reason), stop_reason=stop_reason,
-            skipped_steps=self.health.total_nonfinite)
+            skipped_steps=self.health.total_nonfinite,
+            stop_signal=self.stop_signal.signum if stop_reason == "signal" else 0)
         self.metrics.log({"event": "end", "iter": state.iteration, "tokens": state.tokens_seen,
                           "time": self.elapsed(), **dataclasses.asdict(result)})
         if self.bar is not None:
