@@ -18,7 +18,7 @@ from diyllm.data.sources import READ_BLOCK, ReadStats, Utf8Decoder, iter_text_fi
 from diyllm.errors import UserError
 
 JSONL_SUFFIXES = (".jsonl", ".jsonl.gz", ".jsonl.zst", ".json.gz", ".json.zst")
-PARQUET_ROWS_PER_BATCH = 1024  # rows decoded at a time: memory stays at one batch of one column
+PARQUET_ROWS_PER_BATCH = 256  # rows decoded at a time (pyarrow itself holds one row group's column chunk)
 WHOLE_TEXT_FILE_LIMIT = 64 << 20  # text files up to this size are one in-memory document (deduplicable)
 
 
@@ -153,7 +153,7 @@ def iter_parquet_records(
     import pyarrow as pa
 
     try:
-        pf = pq.ParquetFile(path)
+        pf = pq.ParquetFile(path, buffer_size=1 << 20)  # buffered reads, not whole column chunks up front
     except (pa.ArrowException, OSError) as exc:
         raise UserError(f"{path}: not a readable Parquet file ({exc})") from None
     names = pf.schema_arrow.names
@@ -167,7 +167,7 @@ def iter_parquet_records(
     rows = max(pf.metadata.num_rows, 1)
     row = 0
     try:
-        for batch in pf.iter_batches(batch_size=PARQUET_ROWS_PER_BATCH, columns=[text_field]):
+        for batch in pf.iter_batches(batch_size=PARQUET_ROWS_PER_BATCH, columns=[text_field], use_threads=False):
             for text in batch.column(0).to_pylist():
                 row += 1
                 if text is not None:
