@@ -263,7 +263,8 @@ def run(args: argparse.Namespace) -> int:
         kwargs["tokenizer_kind"] = args.tokenizer_kind
     if args.vocab_size is not None:
         kwargs["vocab_size"] = args.vocab_size
-    kwargs.setdefault("text_field", args.text_field)
+    if args.text_field != "text" or "text_field" not in kwargs:
+        kwargs["text_field"] = args.text_field  # an explicit --text_field beats the recipe's
     tokenizer = args.tokenizer or kwargs.pop("tokenizer", None)
     try:
         prepare_dataset(
