@@ -378,3 +378,19 @@ def test_single_file_dataset_of_before_sharding_still_opens_and_samples(tmp_path
     assert all(s == 0 or ids[s - 1] == 50 for s in starts)
     rng = np.random.default_rng(np.random.SeedSequence([1337, 0, 0]))  # random mode = get_batch's windows
     assert TokenBatcher(ds.splits, 16).sample_starts("train", 8).tolist() == rng.integers(0, 2500 - 16, 8).tolist()
+
+
+def test_hub_recipes_take_local_copies_and_explain_offline(tmp_path, monkeypatch, capsys):
+    from huggingface_hub import constants
+
+    _parquet(tmp_path / "train-00000.parquet", DOCS, column="text")
+    assert main(["prepare", "tinystories", "--input", str(tmp_path / "train-00000.parquet"), "--out",
+                 str(tmp_path / "ts"), "--tokenizer_kind", "char", "--quiet"]) == 0
+    meta = read_meta(tmp_path / "ts")
+    assert meta["documents_seen"] == len(DOCS) and meta["tokenizer_kind"] == "char"
+    monkeypatch.setattr(constants, "HF_HUB_OFFLINE", True)  # no network is ever tried
+    monkeypatch.setattr(constants, "HF_HUB_CACHE", str(tmp_path / "empty-cache"))
+    assert main(["prepare", "fineweb_edu", "--max_shards", "1", "--out", str(tmp_path / "fw")]) == 2
+    err = capsys.readouterr().err
+    assert "hf:HuggingFaceFW/fineweb-edu" in err and "pass the local files as SOURCE" in err
+    assert err.count("\n") == 1 and not (tmp_path / "fw").exists()
