@@ -394,3 +394,27 @@ def test_hub_recipes_take_local_copies_and_explain_offline(tmp_path, monkeypatch
     err = capsys.readouterr().err
     assert "hf:HuggingFaceFW/fineweb-edu" in err and "pass the local files as SOURCE" in err
     assert err.count("\n") == 1 and not (tmp_path / "fw").exists()
+
+
+def test_gpt2_tokenizer_from_the_hub_cache(tmp_path, monkeypatch, capsys):
+    """`--tokenizer gpt2` reads GPT-2's vocab.json/merges.txt through the Hub cache (a tiny fake here)."""
+    from huggingface_hub import constants
+
+    from diyllm.tokenizers.gpt2_bytes import encode_token
+
+    vocab = {encode_token(bytes([b])): b for b in range(256)} | {encode_token(b"th"): 256, "<|endoftext|>": 257}
+    base = tmp_path / "hub" / "models--openai-community--gpt2"
+    snap = base / "snapshots" / ("a" * 40)
+    snap.mkdir(parents=True)
+    (snap / "vocab.json").write_text(json.dumps(vocab))
+    (snap / "merges.txt").write_text("#version: 0.2\nt h\n")
+    (base / "refs").mkdir()
+    (base / "refs" / "main").write_text("a" * 40)
+    monkeypatch.setattr(constants, "HF_HUB_CACHE", str(tmp_path / "hub"))
+    monkeypatch.setattr(constants, "HF_HUB_OFFLINE", True)
+    (tmp_path / "d.jsonl").write_bytes(_jsonl_bytes(["the thin thing", "this then that"]))
+    assert main(["prepare", str(tmp_path / "d.jsonl"), "--out", str(tmp_path / "o"), "--tokenizer", "gpt2",
+                 "--quiet"]) == 0
+    meta = read_meta(tmp_path / "o")
+    assert meta["vocab_size"] == 258 and meta["eot_id"] == 257
+    assert 256 in _tokens(tmp_path / "o", "train") + _tokens(tmp_path / "o", "val")  # the "th" merge was used

@@ -94,3 +94,31 @@ def resolve_hub_sources(inputs: list[str], max_files: int | None = None) -> list
         else:
             out.append(item)
     return out
+
+
+GPT2_REPO = "openai-community/gpt2"
+
+
+def gpt2_tokenizer(cached_only: bool = False):  # noqa: ANN201 - a BPETokenizer, or None
+    """GPT-2's BPE from its vocab.json + merges.txt (Hub repo openai-community/gpt2, through the Hub cache;
+    encoded with the tiktoken backend like every diyllm BPE). `cached_only`: None unless already cached."""
+    try:
+        import huggingface_hub as hf
+        from huggingface_hub import constants as hf_constants
+        from huggingface_hub import errors as hf_errors
+    except ImportError:
+        if cached_only:
+            return None
+        raise UserError("--tokenizer gpt2 needs the huggingface_hub package: pip install 'diyllm[data]'") from None
+    local = cached_only or bool(hf_constants.HF_HUB_OFFLINE)
+    try:
+        paths = [hf.hf_hub_download(GPT2_REPO, name, local_files_only=local) for name in ("vocab.json", "merges.txt")]
+    except (hf_errors.HfHubHTTPError, hf_errors.LocalEntryNotFoundError, OSError) as exc:
+        if cached_only:
+            return None
+        raise UserError(f"cannot get GPT-2's tokenizer files from hf:{GPT2_REPO} ({str(exc).splitlines()[0]}); "
+                        "download vocab.json and merges.txt where there is a network, or pass --tokenizer FILE"
+                        ) from None
+    from diyllm.tokenizers import BPETokenizer
+
+    return BPETokenizer.from_files(paths[0], paths[1], ["<|endoftext|>"])

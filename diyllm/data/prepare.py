@@ -203,7 +203,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help="file(s), folder, glob, .jsonl/.parquet, hf:OWNER/NAME[/GLOB], or a recipe")
     parser.add_argument("--out", help="output folder (default for recipes: data/<recipe>)")
     parser.add_argument("--input", help="recipes only: a local copy of the recipe's source file(s) or folder")
-    parser.add_argument("--tokenizer", help="reuse this tokenizer.json instead of training one")
+    parser.add_argument("--tokenizer", help="reuse this tokenizer.json instead of training one "
+                        "('gpt2': GPT-2's, from the Hugging Face cache or Hub)")
     parser.add_argument("--tokenizer_kind", "--tokenizer-kind", choices=["bpe", "char"], default=None,
                         help="tokenizer to train (default: bpe, or the recipe's)")
     parser.add_argument("--vocab_size", "--vocab-size", type=int, default=None,
@@ -266,6 +267,17 @@ def run(args: argparse.Namespace) -> int:
     if args.text_field != "text" or "text_field" not in kwargs:
         kwargs["text_field"] = args.text_field  # an explicit --text_field beats the recipe's
     tokenizer = args.tokenizer or kwargs.pop("tokenizer", None)
+    kwargs.pop("tokenizer", None)
+    if tokenizer == "gpt2-if-cached" and (args.tokenizer_kind or args.vocab_size):
+        tokenizer = None  # the user chose what to train
+    if tokenizer in ("gpt2", "gpt2-if-cached"):
+        from diyllm.data.hub import gpt2_tokenizer
+
+        found = gpt2_tokenizer(cached_only=tokenizer == "gpt2-if-cached")
+        if found is None and not args.quiet:
+            print("GPT-2's tokenizer files are not in the Hugging Face cache: training a BPE tokenizer instead",
+                  file=sys.stderr)
+        tokenizer = found
     try:
         prepare_dataset(
             inputs, out, tokenizer=tokenizer, val_fraction=args.val_fraction, val_tokens=args.val_tokens,

@@ -5,7 +5,8 @@
   shakespeare       tinyshakespeare (1.1 MB), BPE 2048
   shakespeare_char  tinyshakespeare, one token per character (vocab 65)
   tinystories       roneneldan/TinyStories from the Hugging Face Hub (Parquet, ~1 GB), BPE 8192
-  fineweb_edu       HuggingFaceFW/fineweb-edu sample-10BT (14 Parquet files, ~28 GB; --max_shards N), BPE 32768
+  fineweb_edu       HuggingFaceFW/fineweb-edu sample-10BT (14 Parquet files, ~28 GB; --max_shards N), GPT-2's
+                    tokenizer when its files are in the Hugging Face cache, else BPE 32768
   minimind          jingyaogong/minimind_dataset pretrain_hq.jsonl (~1.6 GB), BPE 6400
 
 The Hub recipes download through huggingface_hub into its cache (see diyllm.data.hub); offline, pass
@@ -126,7 +127,7 @@ RECIPES: dict[str, Recipe] = {
     "fineweb_edu": Recipe(
         "fineweb_edu", "FineWeb-Edu sample-10BT (educational web pages), Parquet from the Hub",
         _hub_inputs("hf:HuggingFaceFW/fineweb-edu/sample/10BT/*.parquet"),
-        {"tokenizer_kind": "bpe", "vocab_size": 32768, "text_field": "text"},
+        {"tokenizer_kind": "bpe", "vocab_size": 32768, "text_field": "text", "tokenizer": "gpt2-if-cached"},
     ),
     "minimind": Recipe(
         "minimind", "MiniMind pretraining text (Chinese and English), JSONL from the Hub",
