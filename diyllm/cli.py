@@ -36,6 +36,7 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "lab": ("diyllm.lab.experiments", "ready-made experiments (e.g. `diyllm lab pretrain-vs-sft`)"),
     "export": ("diyllm.interop.cli_export", "export a checkpoint to the Hugging Face Llama format"),
     "import": ("diyllm.interop.cli_import", "import a Hugging Face Llama-format folder"),
+    "eval": ("diyllm.eval.cli", "evaluate a checkpoint on benchmarks (HellaSwag, ARC, MMLU, ...) and a CORE score"),
 }
 
 
