@@ -20,7 +20,7 @@ from diyllm.errors import UserError  # noqa: E402
 from diyllm.eval import evaluate, get_task, parse_task_list  # noqa: E402
 from diyllm.eval import metrics as M  # noqa: E402
 from diyllm.eval.data import load_docs  # noqa: E402
-from diyllm.eval.loglik import encode_pair, loglikelihoods  # noqa: E402
+from diyllm.eval.loglik import build_rows, encode_pair, loglikelihoods  # noqa: E402
 from diyllm.eval.prompts import requests, sample_fewshot  # noqa: E402
 from diyllm.eval.tasks import gsm8k_extract  # noqa: E402
 from diyllm.model import DIYConfig, DIYForCausalLM  # noqa: E402
@@ -112,7 +112,10 @@ def _groups(char_tok, task_name="hellaswag", rows=HELLASWAG):
 
 
 def test_packed_and_plain_rows_and_any_batch_size_give_the_same_scores(tiny_model, char_tok):
-    groups = _groups(char_tok)
+    from eval_fixtures import WINOGRANDE
+
+    groups = _groups(char_tok) + _groups(char_tok, "winogrande", WINOGRANDE) + _groups(char_tok, "piqa", PIQA)
+    assert build_rows(groups, 96)[0][-1].segments[-1] > 0  # packing really happens
     ref, _ = loglikelihoods(tiny_model, groups, window=96, batch_size=1, pack=False)
     for pack, bs in [(True, 1), (True, 4), (False, 5), (True, 64)]:
         got, _ = loglikelihoods(tiny_model, groups, window=96, batch_size=bs, pack=pack)

@@ -8,10 +8,11 @@ Two ways to lay requests out in rows, with the same results (tests/test_eval.py 
 
 * plain: one row per request, `(context + continuation)[-(window + 1):][:-1]` exactly as lm-eval's `hf`
   model builds it, so a context longer than the model's window is cut on the left (counted).
-* packed (default when it fits): the choices of one item share their context, so the context is run once
-  and every choice follows it in the same row: `ctx | choice1[:-1] | choice2[:-1] | ...`. Each choice's
-  tokens get the positions they would have right after the context, and an attention mask lets them see
-  the context and their own earlier tokens only, never another choice. For MMLU's one-token answers the
+* packed (default when it fits): the requests of one item start with the same tokens (the shared
+  context; for Winogrande the sentence up to the blank), so those run once and every request's own
+  remaining tokens follow in the same row: `shared | rest1[:-1] | rest2[:-1] | ...`. Each request's tokens
+  get the positions they would have in their own row, and an attention mask lets them see the shared
+  tokens and their own earlier tokens only, never another request's. For MMLU's one-token answers the
   whole item is one forward of the context alone; for HellaSwag it roughly halves the tokens run.
 """
 
@@ -68,30 +69,47 @@ def _plain_row(g: int, r: int, ctx: list[int], cont: list[int], window: int) -> 
     return row, truncated
 
 
-def _packed_row(g: int, ctx: list[int], conts: Sequence[list[int]]) -> _Row:
-    L = len(ctx)
-    row = _Row(list(ctx), list(range(L)), [0] * L)
-    for r, cont in enumerate(conts):
-        start, body = len(row.tokens), cont[:-1]
+def _common_prefix(seqs: Sequence[list[int]]) -> int:
+    n = min(len(x) for x in seqs)
+    i = 0
+    while i < n and all(x[i] == seqs[0][i] for x in seqs):
+        i += 1
+    return i
+
+
+def _packed_row(g: int, group: Sequence[Request], shared: int) -> _Row:
+    """One row: the `shared` tokens every request starts with, then each request's own remaining input."""
+    seqs = [ctx + cont for ctx, cont in group]
+    head = seqs[0][:shared]
+    row = _Row(list(head), list(range(shared)), [0] * shared)
+    for r, ((ctx, _), seq) in enumerate(zip(group, seqs)):
+        start, body = len(row.tokens), seq[shared:-1]
         row.tokens += body
-        row.positions += range(L, L + len(body))
+        row.positions += range(shared, shared + len(body))
         row.segments += [r + 1] * len(body)
-        row.targets.append((g, r, [L - 1, *range(start, start + len(body))], list(cont)))
+        # token j of seq is predicted at input j - 1: in the shared head, or in this request's body
+        inputs = [j - 1 if j - 1 < shared else start + j - 1 - shared for j in range(len(ctx), len(seq))]
+        row.targets.append((g, r, inputs, seq[len(ctx):]))
     return row
 
 
-def _can_pack(group: Sequence[Request], window: int) -> bool:
-    ctx = group[0][0]
-    return (len(group) > 1 and len(ctx) > 0 and all(c == ctx and len(k) > 0 for c, k in group)
-            and len(ctx) + sum(len(k) - 1 for _, k in group) <= window)
+def _packable(group: Sequence[Request], window: int) -> int:
+    """Length of the shared token prefix when the group can go in one packed row, else 0."""
+    if len(group) < 2 or any(not ctx or not cont for ctx, cont in group):
+        return 0
+    seqs = [ctx + cont for ctx, cont in group]
+    shared = _common_prefix(seqs)
+    packed_len = shared + sum(max(0, len(x) - 1 - shared) for x in seqs)
+    return shared if shared and packed_len <= window else 0
 
 
 def build_rows(groups: Sequence[Sequence[Request]], window: int, pack: bool = True) -> tuple[list[_Row], int]:
     """Rows for all requests (packed where the choices share a context and fit) and how many were cut."""
     rows, truncated = [], 0
     for g, group in enumerate(groups):
-        if pack and _can_pack(group, window):
-            rows.append(_packed_row(g, group[0][0], [k for _, k in group]))
+        shared = _packable(group, window) if pack else 0
+        if shared:
+            rows.append(_packed_row(g, group, shared))
             continue
         for r, (ctx, cont) in enumerate(group):
             if not cont:
