@@ -58,3 +58,16 @@ def flat_metrics(results: dict[str, Any], prefix: str = "eval/") -> dict[str, fl
     if "core" in results:
         flat[f"{prefix}core"] = results["core"]["score"]
     return flat
+
+
+def primary_keys(results: dict[str, Any]) -> list[str]:
+    """The one score per task worth a column or a curve ("hellaswag/acc_norm", ...), then "core"."""
+    keys = [f"{name}/{t['primary']}" for name, t in results["tasks"].items()]
+    return keys + (["core"] if "core" in results else [])
+
+
+def metrics_event(results: dict[str, Any], iteration: int, tokens: float | None = None,
+                  seconds: float | None = None) -> dict[str, Any]:
+    """The "eval_tasks" record for metrics.jsonl, read back by diyllm.lab (plot, compare)."""
+    return {"event": "eval_tasks", "iter": int(iteration), "tokens": tokens, "time": seconds,
+            "scores": flat_metrics(results, prefix=""), "primary": primary_keys(results)}

@@ -1,0 +1,69 @@
+"""Benchmark evals during training: the eval component writes "eval_tasks" records to metrics.jsonl, which
+`diyllm plot` draws and `diyllm compare` shows as columns."""
+
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+sys.path.insert(0, str(Path(__file__).parent))
+from eval_fixtures import HELLASWAG, PIQA, write_task_dir  # noqa: E402
+
+from diyllm.errors import UserError  # noqa: E402
+from diyllm.eval.during_training import TaskEvalComponent  # noqa: E402
+from diyllm.model import DIYConfig, DIYForCausalLM  # noqa: E402
+from diyllm.tokenizers import CharTokenizer  # noqa: E402
+
+
+def _tiny():
+    tok = CharTokenizer.train("abcdefghijklmnopqrstuvwxyzABCDEFGHIJKLMNOPQRSTUVWXYZ0123456789 .,:?!'\n-_[]")
+    torch.manual_seed(0)
+    model = DIYForCausalLM(DIYConfig(vocab_size=tok.vocab_size, context_length=160, d_model=32, num_layers=1,
+                                     num_heads=2, d_ff=64))
+    return model, tok
+
+
+def test_component_logs_on_schedule_and_plot_compare_read_it(tmp_path):
+    from diyllm.lab.compare import compare_runs
+    from diyllm.lab.metrics import read_run
+    from diyllm.lab.plot import plot_runs
+    from diyllm.training.metrics import MetricsLogger
+
+    model, tok = _tiny()
+    data = write_task_dir(tmp_path / "data", {"piqa": ("validation", PIQA), "hellaswag": ("validation", HELLASWAG)})
+    run_dir = tmp_path / "run"
+    logger = MetricsLogger(run_dir)
+    logger.log({"event": "start", "config": {}, "num_params": model.num_parameters()})
+    comp = TaskEvalComponent(["piqa", "hellaswag"], interval=2, tokenizer=tok, log=logger.log, limit=3,
+                             data_dir=str(data), print_fn=None)
+    ran = []
+    for step in range(1, 6):
+        logger.log({"event": "train", "iter": step, "tokens": step * 100, "time": step * 0.1, "loss": 3.0 / step})
+        if comp.maybe_run(model, step, tokens=step * 100, elapsed=step * 0.1, final=step == 5):
+            ran.append(step)
+        if step == 5 and comp.maybe_run(model, step, final=True) is not None:
+            ran.append("again")  # the end call right after a scheduled one must not evaluate twice
+    logger.log({"event": "end", "iter": 5})
+    logger.close()
+    assert ran == [2, 4, 5]
+
+    run = read_run(run_dir)
+    assert run.task_iter == [2, 4, 5]
+    assert run.task_primary == ["piqa/acc_norm", "hellaswag/acc_norm", "core"]
+    xs, ys = run.series("piqa/acc_norm")
+    assert xs == [2, 4, 5] and all(0 <= y <= 1 for y in ys)
+    assert run.series("core")[1][-1] == pytest.approx(comp.last["scores"]["core"])
+    png = plot_runs([run], tmp_path / "p.png", panels=["loss", "eval_tasks"])
+    assert png.stat().st_size > 1000
+    table = compare_runs([run_dir])
+    assert "piqa/acc_norm | hellaswag/acc_norm | core |" in table.splitlines()[0]
+    assert f"{comp.last['scores']['core']:.4f} |" in table.splitlines()[2]
+
+
+def test_component_refuses_unknown_tasks_before_training():
+    model, tok = _tiny()
+    with pytest.raises(UserError, match="unknown eval task 'hellaswagg'"):
+        TaskEvalComponent(["hellaswagg"], interval=10, tokenizer=tok, log=lambda r: None)
