@@ -56,3 +56,20 @@ class TaskEvalComponent:
         if self.print_fn is not None:
             self.print_fn(f"step {step}: benchmark evals ({record['eval_seconds']:.1f}s)\n{format_table(results)}")
         return record
+
+
+def component_from_config(cfg: Any, tokenizer_json: str | None, log: Callable[[dict], None],
+                          print_fn: Callable[[str], None] | None = print) -> TaskEvalComponent | None:
+    """The component for a training config's eval_tasks* keys; None when eval_tasks is empty."""
+    if not cfg.eval_tasks:
+        return None
+    from diyllm.errors import UserError
+    from diyllm.training.checkpoint import tokenizer_from_text
+
+    tokenizer = tokenizer_from_text(tokenizer_json, "the training data")
+    if tokenizer is None:
+        raise UserError("eval_tasks needs the data's tokenizer (to encode prompts), but this dataset has none; "
+                        "prepare the data with `diyllm prepare` or set eval_tasks = []")
+    return TaskEvalComponent(cfg.eval_tasks, cfg.eval_tasks_interval or cfg.eval_interval, tokenizer, log,
+                             limit=cfg.eval_tasks_limit, shots=cfg.eval_tasks_shots,
+                             data_dir=cfg.eval_tasks_data_dir or None, print_fn=print_fn)
