@@ -106,3 +106,31 @@ def test_per_item_predictions_agree_with_lm_eval_hf(trained, tmp_path, monkeypat
         acc_stderr = ref["results"][f"diy_{name}"]["acc_stderr,none"]
         assert ours["tasks"][name]["metrics"]["acc"]["stderr"] == pytest.approx(acc_stderr, rel=1e-6)
     assert os.environ["HF_HUB_OFFLINE"] == "1"
+
+
+def test_chat_prompts_go_through_the_chat_template(trained, monkeypatch):
+    import importlib
+
+    from diyllm.data.chat_template import IM_START, encode_chat
+    from diyllm.eval import evaluate
+    from diyllm.eval.tasks import get_task
+    from diyllm.training.checkpoint import load_model
+
+    ckpt, _ = trained
+    model, tok, _ = load_model(ckpt)
+    gen = importlib.import_module("diyllm.generation.generate")
+    seen = []
+    real = gen.generate
+
+    def spy(model, batch, *args, **kwargs):
+        seen.extend(batch)
+        return real(model, batch, *args, **kwargs)
+
+    monkeypatch.setattr(gen, "generate", spy)
+    res = evaluate(model, tok, "synthetic", chat=True, limit=2, log_samples=True, progress=False)
+    doc = get_task("synthetic").parse(__import__("diyllm.data.synthetic", fromlist=["make_splits"]).make_splits(
+        400, 200, seed=0)[1][0])
+    assert seen[0] == encode_chat(tok, list(doc.messages), add_generation_prompt=True)[0]
+    assert seen[0][0] == tok.special_token_id(IM_START)
+    for s in res["samples"]["synthetic"]:
+        assert s["exact_match"] == (s["pred"] == s["gold"] and s["gold"] != "")

@@ -67,3 +67,19 @@ def test_component_refuses_unknown_tasks_before_training():
     model, tok = _tiny()
     with pytest.raises(UserError, match="unknown eval task 'hellaswagg'"):
         TaskEvalComponent(["hellaswagg"], interval=10, tokenizer=tok, log=lambda r: None)
+
+
+def test_config_keys_accept_a_list_or_comma_separated_names_and_build_the_component(tmp_path):
+    from diyllm.eval.during_training import component_from_config
+    from diyllm.training.config import TrainConfig, load_config
+
+    assert TrainConfig.from_dict({"eval_tasks": ["hellaswag", "piqa"]}).eval_tasks == ("hellaswag", "piqa")
+    cfg = load_config("shakespeare_char_cpu", ["--eval_tasks=piqa,hellaswag", "--eval_tasks_limit=3"])
+    assert cfg.eval_tasks == ("piqa", "hellaswag") and cfg.eval_tasks_limit == 3
+    with pytest.raises(UserError, match="eval_tasks.*list of names"):
+        TrainConfig.from_dict({"eval_tasks": 3})
+    assert component_from_config(TrainConfig(), None, print) is None
+    _, tok = _tiny()
+    tok.save(tmp_path / "tok.json")
+    comp = component_from_config(cfg, (tmp_path / "tok.json").read_text(), lambda r: None)
+    assert comp.tasks == ["piqa", "hellaswag"] and comp.interval == cfg.eval_interval and comp.limit == 3
