@@ -148,6 +148,28 @@ def _model_device(model: nn.Module) -> torch.device:
     return p.device if p is not None else torch.device("cpu")
 
 
+def _score_targets(logits: torch.Tensor, batch: Sequence[_Row]) -> list[tuple[float, bool]]:
+    """(summed log-probability, all greedy) of every request in the batch, with one gather for all of them
+    and one transfer to the host (a loop of .item() calls would sync the GPU once per request)."""
+    rows, positions, targets, owner = [], [], [], []
+    requests = [(b, pos, tgt) for b, row in enumerate(batch) for _, _, pos, tgt in row.targets]
+    for k, (b, pos, tgt) in enumerate(requests):
+        rows += [b] * len(pos)
+        positions += pos
+        targets += tgt
+        owner += [k] * len(pos)
+    dev = logits.device
+    picked = logits[torch.tensor(rows, device=dev), torch.tensor(positions, device=dev)].float()  # (tokens, vocab)
+    tgt = torch.tensor(targets, device=dev)
+    token_logp = F.log_softmax(picked, dim=-1).gather(-1, tgt[:, None])[:, 0]
+    missed = (picked.argmax(-1) != tgt).float()
+    n = len(requests)
+    idx = torch.tensor(owner, device=dev)
+    sums = torch.zeros(n, device=dev, dtype=torch.float32).index_add_(0, idx, token_logp)
+    misses = torch.zeros(n, device=dev, dtype=torch.float32).index_add_(0, idx, missed)
+    return [(ll, m == 0) for ll, m in zip(sums.tolist(), misses.tolist())]
+
+
 @torch.no_grad()
 def loglikelihoods(
     model: nn.Module,
@@ -171,17 +193,10 @@ def loglikelihoods(
         batch = [rows[i] for i in order[start : start + batch_size]]
         out = model(**_batch_inputs(batch, device))
         logits = out.logits if hasattr(out, "logits") else out
-        done = set()
-        for b, row in enumerate(batch):
-            for g, r, positions, target in row.targets:
-                picked = logits[b, positions].float()  # (n, vocab): only the positions that score tokens
-                logp = F.log_softmax(picked, dim=-1)
-                tgt = torch.tensor(target, device=picked.device)
-                ll = logp.gather(-1, tgt[:, None]).sum().item()
-                greedy = bool((picked.argmax(-1) == tgt).all())
-                results[g][r] = (ll, greedy)
-                if all(x is not None for x in results[g]):
-                    done.add(g)
+        owners = [(g, r) for row in batch for g, r, _, _ in row.targets]
+        for (g, r), score in zip(owners, _score_targets(logits, batch)):
+            results[g][r] = score
+        done = {g for g, _ in owners if all(x is not None for x in results[g])}
         if progress is not None:
             progress(len(done))
     return [list(r) for r in results], truncated  # type: ignore[arg-type]

@@ -143,6 +143,10 @@ def evaluate(
 
     check_options(limit, shots, batch_size)
     task_list = parse_task_list(tasks)
+    partial = [t.name for t in task_list if t.name == "winogrande"]
+    if chat and partial:
+        raise UserError(f"{', '.join(partial)} scores the end of a sentence after each option (partial evaluation); "
+                        "it has no question for a chat turn: evaluate it without --chat")
     window = _window(model, window)
     was_training = model.training
     model.eval()
