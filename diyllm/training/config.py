@@ -99,6 +99,8 @@ class TrainConfig:
     max_nonfinite_steps: int = 10  # stop after this many consecutive NaN/inf steps
     grad_spike_factor: float = 10.0  # warn when grad norm > this x the median of the last 50
     peak_flops: float = 0.0  # per device, for MFU; 0: look the GPU up in a small table
+    # --- issue 12: reproducibility ---
+    deterministic: bool = False  # CUDA: torch.use_deterministic_algorithms + cuBLAS workspace (slower); CPU always is
     # --- issue 18: benchmark evals during training (diyllm.eval; see docs/eval.md) ---
     eval_tasks: tuple[str, ...] = ()  # e.g. ["hellaswag", "arc_easy"] (or "hellaswag,arc_easy"); (): off
     eval_tasks_interval: int = 0  # steps between benchmark evals (and at the end); 0: at every eval_interval
