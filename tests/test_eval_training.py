@@ -83,3 +83,45 @@ def test_config_keys_accept_a_list_or_comma_separated_names_and_build_the_compon
     tok.save(tmp_path / "tok.json")
     comp = component_from_config(cfg, (tmp_path / "tok.json").read_text(), lambda r: None)
     assert comp.tasks == ["piqa", "hellaswag"] and comp.interval == cfg.eval_interval and comp.limit == 3
+
+
+def test_train_with_eval_tasks_logs_them_and_plot_draws_them(tmp_path, capsys):
+    """`diyllm train` with eval_tasks: eval_tasks records at every eval_interval and at the end, which
+    `diyllm plot` draws in an extra panel and `diyllm compare` shows."""
+    import json
+
+    import numpy as np
+
+    from diyllm.cli import main
+    from diyllm.lab.metrics import read_run
+    from diyllm.training.config import TrainConfig
+    from diyllm.training.trainer import train
+
+    text = " ".join(f"Question: how do i {w} it?\nAnswer: {v} it." for w, v in
+                    [("cool", "cold"), ("dry", "wipe"), ("open", "unlock"), ("light", "switch")] * 200)
+    tok = CharTokenizer.train(text)
+    ids = np.array(tok.encode(text), dtype=np.uint16)
+    data = tmp_path / "chars"
+    data.mkdir()
+    ids[:-500].tofile(data / "train.bin")
+    ids[-500:].tofile(data / "val.bin")
+    tok.save(data / "tokenizer.json")
+    (data / "meta.json").write_text(json.dumps({"vocab_size": tok.vocab_size, "dtype": "uint16",
+                                                "tokenizer_kind": "char"}))
+    rows = [{"goal": f"how do i {w} it?", "sol1": f"{a} it.", "sol2": f"{b} it.", "label": lab}
+            for w, a, b, lab in [("cool", "cold", "wipe", 0), ("dry", "cold", "wipe", 1),
+                                 ("open", "unlock", "cold", 0)]]
+    tasks = write_task_dir(tmp_path / "evaldata", {"piqa": ("validation", rows)})
+    cfg = TrainConfig(data_dir=str(data), out_dir=str(tmp_path / "run"), context_length=32, d_model=32, num_layers=1,
+                      num_heads=2, d_ff=64, batch_size=4, max_iters=6, warmup_iters=1, eval_interval=3, eval_iters=1,
+                      log_interval=1, checkpoint_interval=0, device="cpu", dtype="float32", progress=False,
+                      eval_tasks=("piqa",), eval_tasks_data_dir=str(tasks), eval_tasks_limit=3)
+    train(cfg)
+    run = read_run(tmp_path / "run")
+    assert run.task_iter == [3, 6] and run.task_primary == ["piqa/acc_norm", "core"]
+    assert all(v in (0.0, 1 / 3, 2 / 3, 1.0) for v in run.task_scores["piqa/acc"])
+    capsys.readouterr()
+    assert main(["plot", str(tmp_path / "run"), "--out", str(tmp_path / "p.png")]) == 0
+    assert (tmp_path / "p.png").stat().st_size > 1000
+    assert main(["compare", str(tmp_path / "run")]) == 0
+    assert "piqa/acc_norm" in capsys.readouterr().out

@@ -72,13 +72,17 @@ def _loglik_task(model, tokenizer, task: Task, docs: list[Doc], pool: list[Doc],
     groups = []
     for i, doc in enumerate(docs):
         examples = sample_fewshot(pool, shots, seed, task.name, i, exclude=doc)
-        if chat:
-            from diyllm.data.chat_template import encode_chat
+        try:
+            if chat:
+                from diyllm.data.chat_template import encode_chat
 
-            ctx_ids = encode_chat(tokenizer, chat_messages(task, doc, examples), add_generation_prompt=True)[0]
-            groups.append([(ctx_ids, tokenizer.encode(c.strip())) for c in doc.choices])
-        else:
-            groups.append([encode_pair(tokenizer, c, k, prefix_id) for c, k in requests(task, doc, examples)])
+                ctx_ids = encode_chat(tokenizer, chat_messages(task, doc, examples), add_generation_prompt=True)[0]
+                groups.append([(ctx_ids, tokenizer.encode(c.strip())) for c in doc.choices])
+            else:
+                groups.append([encode_pair(tokenizer, c, k, prefix_id) for c, k in requests(task, doc, examples)])
+        except ValueError as exc:  # e.g. a character tokenizer meeting a character it was not trained on
+            raise UserError(f"{task.name} item {i}: the model's tokenizer cannot encode the prompt ({exc}); "
+                            "benchmarks need a tokenizer that covers their text (a byte-level BPE does)") from None
     scores, truncated = loglikelihoods(model, groups, window, batch_size, progress=bar.update)
     per_item: dict[str, list[float]] = {m: [] for m in task.metrics}
     samples = []
