@@ -13,7 +13,7 @@ from diyllm.atomic import atomic_write
 def _fmt(x: float | None) -> str:
     if x is None or (isinstance(x, float) and math.isnan(x)):
         return "-"
-    return f"{x:.4f}"
+    return f"{x:.4f}" if abs(x) < 1e5 else f"{x:.3g}"  # lambada's perplexity of an untrained model is huge
 
 
 def format_table(results: dict[str, Any]) -> str:
