@@ -124,7 +124,7 @@ def _stdin_lines() -> Iterable[str]:
 
 
 def run(args: argparse.Namespace) -> int:
-    from diyllm.training.checkpoint import load_model
+    from diyllm.loading import load_model
     from diyllm.training.device import resolve_device
 
     model, tokenizer, _ = load_model(args.ckpt, device=resolve_device(args.device))

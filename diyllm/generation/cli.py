@@ -69,7 +69,7 @@ def _check_options(args: argparse.Namespace) -> None:
 def run(args: argparse.Namespace) -> int:
     from diyllm.generation.generate import generate
     from diyllm.generation.text import stream_text
-    from diyllm.training.checkpoint import load_model
+    from diyllm.loading import load_model
     from diyllm.training.device import resolve_device
 
     _check_options(args)

@@ -110,7 +110,7 @@ def restore_rngs(ckpt: dict[str, Any], dist: DistInfo) -> None:
 
 def check_compatible(ckpt: dict[str, Any], model_config: Any, data_tokenizer: Any, where: str) -> None:
     """Refuse a checkpoint whose model shape or tokenizer differs from this run's, listing every difference."""
-    from diyllm.training.checkpoint import tokenizer_from_text
+    from diyllm.checkpoints import tokenizer_from_text
 
     diffs = []
     if isinstance(ckpt.get("model_config"), dict) and model_config is not None:

@@ -80,9 +80,10 @@ def check_tokenizer_matches(checkpoint_tok: Any, given_tok: Any, given_path: str
 
 def prepare_sft(cfg: Any) -> tuple[Any, Any, nn.Module | None]:
     """(cfg for the trainer, SFTSource, model or None) for an SFT run described by `cfg`."""
+    from diyllm.checkpoints import read_checkpoint, tokenizer_from_text
     from diyllm.data.sft import SFTSource
+    from diyllm.loading import load_model
     from diyllm.tokenizers import load_tokenizer
-    from diyllm.training.checkpoint import load_model, read_checkpoint, tokenizer_from_text
 
     cfg = dataclasses.replace(cfg, data_format="sft")
     if cfg.init_from == "scratch":
