@@ -122,9 +122,9 @@ def corpus() -> str:
 
 def train_tiny_checkpoint(folder: Path, steps: int = 40, context_length: int = 128) -> Path:
     """A tiny BPE tokenizer + model trained `steps` AdamW steps on corpus(); returns the .pt path."""
+    from diyllm.checkpoints import save_checkpoint
     from diyllm.model import DIYConfig, DIYForCausalLM
     from diyllm.tokenizers import BPETokenizer, train_bpe
-    from diyllm.training.checkpoint import save_checkpoint
 
     folder.mkdir(parents=True, exist_ok=True)
     text = corpus()

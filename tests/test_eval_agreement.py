@@ -74,7 +74,7 @@ def test_per_item_predictions_agree_with_lm_eval_hf(trained, tmp_path, monkeypat
 
     from diyllm.eval import evaluate
     from diyllm.interop.hf import export_checkpoint
-    from diyllm.training.checkpoint import load_model
+    from diyllm.loading import load_model
 
     ckpt, data = trained
     hf_dir = export_checkpoint(ckpt, tmp_path / "hf")
@@ -114,7 +114,7 @@ def test_chat_prompts_go_through_the_chat_template(trained, monkeypatch):
     from diyllm.data.chat_template import IM_START, encode_chat
     from diyllm.eval import evaluate
     from diyllm.eval.tasks import get_task
-    from diyllm.training.checkpoint import load_model
+    from diyllm.loading import load_model
 
     ckpt, _ = trained
     model, tok, _ = load_model(ckpt)

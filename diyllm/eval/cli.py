@@ -33,7 +33,7 @@ def run(args: argparse.Namespace) -> int:
     from diyllm.eval.report import format_table, write_results
     from diyllm.eval.runner import check_options, evaluate
     from diyllm.eval.tasks import parse_task_list
-    from diyllm.training.checkpoint import load_model
+    from diyllm.loading import load_model
 
     check_options(args.limit, args.shots, args.batch_size)  # before the (slow) model load
     parse_task_list(args.tasks)

@@ -63,8 +63,8 @@ def component_from_config(cfg: Any, tokenizer_json: str | None, log: Callable[[d
     """The component for a training config's eval_tasks* keys; None when eval_tasks is empty."""
     if not cfg.eval_tasks:
         return None
+    from diyllm.checkpoints import tokenizer_from_text
     from diyllm.errors import UserError
-    from diyllm.training.checkpoint import tokenizer_from_text
 
     tokenizer = tokenizer_from_text(tokenizer_json, "the training data")
     if tokenizer is None:

@@ -150,7 +150,8 @@ def _gsm8k(row: dict) -> Doc:
 
 
 def _synthetic(row: dict) -> Doc:
-    from diyllm.data.synthetic import SYSTEM_PROMPT, normalise
+    from diyllm.data.synthetic import SYSTEM_PROMPT
+    from diyllm.generation.exact_match import normalise
 
     messages = tuple(row["conversations"][:-1])
     question = messages[-1]["content"]
@@ -161,7 +162,7 @@ def _synthetic(row: dict) -> Doc:
 
 
 def _synthetic_extract(generation: str) -> str:
-    from diyllm.data.synthetic import normalise
+    from diyllm.generation.exact_match import normalise
 
     return normalise(generation)
 
