@@ -3,7 +3,8 @@
 Generation runs with diyllm.generation (KV cache, left-padded batches) up to the task's max_new_tokens
 or the end-of-text / <|im_end|> token; the text is then cut at the first stop string. With greedy
 decoding that is the same text a generation stopping at the string would give. Prompts too long for the
-window keep their last tokens (counted as truncated) so the answer still fits.
+window keep their last tokens (counted as truncated) so the answer still fits; with a small window the
+generation gets at most half of it.
 """
 
 from __future__ import annotations
