@@ -38,6 +38,7 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "export": ("diyllm.interop.cli_export", "export a checkpoint to the Hugging Face Llama format"),
     "import": ("diyllm.interop.cli_import", "import a Hugging Face Llama-format folder"),
     "serve": ("diyllm.serving.cli", "OpenAI-compatible API server with a web chat page"),
+    "eval": ("diyllm.eval.cli", "evaluate a checkpoint on benchmarks (HellaSwag, ARC, MMLU, ...) and a CORE score"),
 }
 
 

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import argparse
 import statistics
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 from diyllm.atomic import atomic_write
@@ -29,6 +29,7 @@ class RunSummary:
     num_params: int | None
     iterations: int | None
     finished: bool
+    eval_scores: dict[str, float] = field(default_factory=dict)  # last benchmark scores (eval_tasks)
 
 
 def _last(xs: list) -> float | None:
@@ -64,8 +65,9 @@ def summarize(run: RunMetrics) -> RunSummary:
     if iters is None:
         its = run.train_iter + run.eval_iter
         iters = max(its) if its else None
+    scores = {k: v for k in run.task_primary if (v := _last(run.task_scores.get(k, []))) is not None}
     return RunSummary(run.name, final_train, final_val, best_val, gap, tps, wall, run.num_params or
-                      end.get("num_params"), iters, run.finished)
+                      end.get("num_params"), iters, run.finished, scores)
 
 
 def _fmt(v, spec: str) -> str:
@@ -79,9 +81,12 @@ def _fmt_params(n: int | None) -> str:
 
 
 def markdown_table(summaries: list[RunSummary]) -> str:
-    """A GitHub-markdown table, one row per run, best val loss marked with *."""
-    header = ("| run | params | iters | final train | final val | best val | gap val−train | tokens/s | wall s |\n"
-              "|---|---:|---:|---:|---:|---:|---:|---:|---:|")
+    """A GitHub-markdown table, one row per run, best val loss marked with *; benchmark columns (last
+    eval_tasks scores) when a run has them."""
+    eval_keys = list(dict.fromkeys(k for s in summaries for k in s.eval_scores))
+    header = ("| run | params | iters | final train | final val | best val | gap val−train | tokens/s | wall s |"
+              + "".join(f" {k} |" for k in eval_keys) + "\n"
+              "|---|---:|---:|---:|---:|---:|---:|---:|---:|" + "---:|" * len(eval_keys))
     bests = [s.best_val_loss for s in summaries if s.best_val_loss is not None]
     winner = min(bests) if bests else None
     rows = []
@@ -92,6 +97,7 @@ def markdown_table(summaries: list[RunSummary]) -> str:
             f"| {name} | {_fmt_params(s.num_params)} | {_fmt(s.iterations, 'd')} | {_fmt(s.final_train_loss, '.4f')}"
             f" | {_fmt(s.final_val_loss, '.4f')} | {_fmt(s.best_val_loss, '.4f')}{star} | {_fmt(s.gap, '+.4f')}"
             f" | {_fmt(s.tokens_per_sec, ',.0f')} | {_fmt(s.wall_time_s, '.1f')} |"
+            + "".join(f" {_fmt(s.eval_scores.get(k), '.4f')} |" for k in eval_keys)
         )
     return "\n".join([header, *rows]) + "\n"
 

@@ -40,6 +40,12 @@ class RunMetrics:
     eval_train_loss: list[float] = field(default_factory=list)
     val_loss: list[float] = field(default_factory=list)
     val_bpb: list[float] = field(default_factory=list)
+    # benchmark evals during training (diyllm.eval, "eval_tasks" events): "hellaswag/acc_norm", "core", ...
+    task_iter: list[int] = field(default_factory=list)
+    task_tokens: list[float] = field(default_factory=list)
+    task_time: list[float] = field(default_factory=list)
+    task_scores: dict[str, list[float | None]] = field(default_factory=dict)
+    task_primary: list[str] = field(default_factory=list)  # the keys worth a column / a curve
     config: dict = field(default_factory=dict)
     num_params: int | None = None
     end: dict | None = None  # the "end" event's summary; None while a run is unfinished
@@ -53,14 +59,18 @@ class RunMetrics:
         train_metrics = {"train_loss": self.train_loss, "loss": self.train_loss, "lr": self.lr,
                          "grad_norm": self.grad_norm, "tokens_per_sec": self.tokens_per_sec}
         eval_metrics = {"val_loss": self.val_loss, "eval_train_loss": self.eval_train_loss, "val_bpb": self.val_bpb}
-        if metric in train_metrics:
+        if metric in self.task_scores:
+            ys, xs_by = self.task_scores[metric], {"step": self.task_iter, "tokens": self.task_tokens,
+                                                   "time": self.task_time}
+        elif metric in train_metrics:
             ys, xs_by = train_metrics[metric], {"step": self.train_iter, "tokens": self.train_tokens,
                                                 "time": self.train_time}
         elif metric in eval_metrics:
             ys, xs_by = eval_metrics[metric], {"step": self.eval_iter, "tokens": self.eval_tokens,
                                                "time": self.eval_time}
         else:
-            raise UserError(f"unknown metric {metric!r}; choose from {sorted({*train_metrics, *eval_metrics})}")
+            known = sorted({*train_metrics, *eval_metrics, *self.task_scores})
+            raise UserError(f"unknown metric {metric!r}; choose from {known}")
         if x not in xs_by:
             raise UserError(f"unknown x axis {x!r}; choose step, tokens or time")
         xs = xs_by[x]
@@ -70,6 +80,20 @@ class RunMetrics:
 
 def _num(v) -> float | None:
     return None if v is None else float(v)
+
+
+def _add_task_scores(run: RunMetrics, ev: dict) -> None:
+    """One "eval_tasks" event: {"iter", "tokens", "time", "scores": {key: value}, "primary": [keys]}."""
+    n = len(run.task_iter)
+    run.task_iter.append(int(ev["iter"]))
+    run.task_tokens.append(_num(ev.get("tokens")))
+    run.task_time.append(_num(ev.get("time")))
+    scores = ev.get("scores") or {}
+    for key in scores.keys() | run.task_scores.keys():
+        run.task_scores.setdefault(key, [None] * n).append(_num(scores.get(key)))
+    for key in ev.get("primary") or ():
+        if key not in run.task_primary:
+            run.task_primary.append(key)
 
 
 def read_metrics_jsonl(path: str | Path, name: str | None = None) -> RunMetrics:
@@ -111,6 +135,8 @@ def read_metrics_jsonl(path: str | Path, name: str | None = None) -> RunMetrics:
             run.eval_train_loss.append(_num(ev.get("train_loss")))
             run.val_loss.append(_num(ev.get("val_loss")))
             run.val_bpb.append(_num(ev.get("val_bpb")))
+        elif kind == "eval_tasks":
+            _add_task_scores(run, ev)
         elif kind == "end":
             run.end = ev
             if run.num_params is None and ev.get("num_params") is not None:

@@ -16,7 +16,7 @@ from diyllm.errors import UserError
 from diyllm.lab.common import save_png
 from diyllm.lab.metrics import RunMetrics, read_run
 
-PANELS = ("loss", "lr", "grad_norm", "val_bpb", "tokens_per_sec")
+PANELS = ("loss", "lr", "grad_norm", "val_bpb", "tokens_per_sec", "eval_tasks")
 X_LABELS = {"step": "iteration", "tokens": "tokens seen", "time": "wall-clock seconds"}
 
 
@@ -69,6 +69,14 @@ def plot_runs(
                 ax.set_ylabel(metric or "loss (nats/token)")
                 if log_y:
                     ax.set_yscale("log")
+            elif panel == "eval_tasks":  # benchmark scores during training (eval_tasks in the config)
+                for j, key in enumerate(run.task_primary):
+                    xs, ys = run.series(key, x)
+                    if xs:
+                        ax.plot(xs, ys, color=c, lw=1.5, marker="o", ms=3, ls=("-", "--", ":", "-.")[j % 4],
+                                label=f"{run.name} {key}" if len(runs) > 1 else key)
+                        drew_anything = True
+                ax.set_ylabel("eval score")
             else:
                 xs, ys = run.series(panel, x)
                 if xs:
@@ -110,6 +118,8 @@ def run(args: argparse.Namespace) -> int:
     else:
         out = Path("plot.png")
     panels = [p.strip() for p in args.panels.split(",") if p.strip()]
+    if panels == ["loss"] and any(r.task_primary for r in runs):
+        panels.append("eval_tasks")  # runs with benchmark evals get their curves by default
     plot_runs(runs, out, x=args.x, panels=panels, metric=args.metric, title=args.title, log_y=args.log_y)
     for r in runs:
         xs, ys = r.series("val_loss", "step")

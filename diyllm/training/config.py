@@ -106,6 +106,12 @@ class TrainConfig:
     keep_checkpoints: int = 2  # latest.pt plus this many - 1 older copies (previous.pt, ...) to fall back to
     # --- issue 12: reproducibility ---
     deterministic: bool = False  # CUDA: torch.use_deterministic_algorithms + cuBLAS workspace (slower); CPU always is
+    # --- issue 18: benchmark evals during training (diyllm.eval; see docs/eval.md) ---
+    eval_tasks: tuple[str, ...] = ()  # e.g. ["hellaswag", "arc_easy"] (or "hellaswag,arc_easy"); (): off
+    eval_tasks_interval: int = 0  # steps between benchmark evals (and at the end); 0: at every eval_interval
+    eval_tasks_limit: int = 100  # the first N items of each task, the same ones every time
+    eval_tasks_shots: int = 0
+    eval_tasks_data_dir: str = ""  # DIR/<task>/<split>.jsonl; "": the download cache
 
     # ---------------------------------------------------------------------------------------------
     def validate(self) -> TrainConfig:
@@ -120,7 +126,8 @@ class TrainConfig:
                      "gradient_accumulation_steps", "max_iters", "log_interval"):
             need(getattr(self, name) > 0, f"{name} must be positive (got {getattr(self, name)})")
         for name in ("vocab_size", "warmup_iters", "lr_decay_iters", "eval_interval", "checkpoint_interval",
-                     "patience", "max_nonfinite_steps", "eval_iters", "num_threads"):
+                     "patience", "max_nonfinite_steps", "eval_iters", "num_threads",
+                     "eval_tasks_interval", "eval_tasks_shots"):
             need(getattr(self, name) >= 0, f"{name} must be >= 0 (got {getattr(self, name)})")
         for name in ("learning_rate", "min_lr", "weight_decay", "grad_clip", "peak_flops"):
             need(getattr(self, name) >= 0 and math.isfinite(getattr(self, name)), f"{name} must be a finite value >= 0")
@@ -324,6 +331,11 @@ def coerce(raw: Any, tp: Any, key: str, source: str, from_text: bool) -> Any:
     def bad(expected: str) -> UserError:
         return UserError(f"{source}: option {key!r} expects {expected}, got {raw!r}")
 
+    if typing.get_origin(base) is tuple:  # issue 18: a list of names, from TOML or as "a,b" on the command line
+        items = raw.split(",") if isinstance(raw, str) else raw
+        if not isinstance(items, (list, tuple)) or not all(isinstance(x, str) for x in items):
+            raise bad('a list of names such as ["a", "b"] (or "a,b")')
+        return tuple(x.strip() for x in items if x.strip())
     if from_text and isinstance(raw, str) and raw.strip().lower() in ("none", "null") and _optional(tp):
         return None
     if raw is None:

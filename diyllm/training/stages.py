@@ -162,6 +162,11 @@ class SetupStages:
                                    dtype=self.dtype, dist=dist, bytes_per_token=self.bytes_per_token)
         self.checkpoints = CheckpointSchedule(cfg.checkpoint_interval, self.state.iteration)
         self.early_stopping = EarlyStopping(cfg.patience)
+        # issue 18: benchmark evals (eval_tasks), a component that decides when it acts; rank 0 only
+        from diyllm.eval.during_training import component_from_config
+
+        self.task_eval = component_from_config(cfg, self.tokenizer_json, self.metrics.log, self.log) \
+            if dist.is_main else None
         if self.resumed:  # last: building, moving and compiling the model above may draw random numbers
             resume.restore_rngs(self._resume_ckpt, dist)
             del self._resume_ckpt

@@ -144,6 +144,9 @@ class Trainer(SetupStages):
             if self.evaluator.due(state) and not stop_reason:  # before the step: iteration 0 is measured too
                 stop_reason = self.eval_and_track()
             ending = state.iteration >= cfg.max_iters or bool(stop_reason)
+            if self.task_eval is not None:  # issue 18: benchmark evals (eval_tasks); it decides when it acts
+                self.task_eval.maybe_run(unwrap_model(self.model), state.iteration, state.tokens_seen, self.elapsed(),
+                                         final=ending)
             if self.checkpoints.due(state, ending):
                 self.save("latest.pt")
             if ending:
