@@ -99,6 +99,13 @@ class TrainConfig:
     max_nonfinite_steps: int = 10  # stop after this many consecutive NaN/inf steps
     grad_spike_factor: float = 10.0  # warn when grad norm > this x the median of the last 50
     peak_flops: float = 0.0  # per device, for MFU; 0: look the GPU up in a small table
+    # --- issue 15: scale-out (FSDP2, sharded checkpoints, memory planning; docs/training.md) ---
+    parallelism: str = "ddp"  # ddp | fsdp: how several processes share the work (one process: neither)
+    fsdp_reshard_after_forward: bool = True  # free gathered weights after forward (less memory, one more all-gather)
+    fsdp_replicas: int = 1  # HSDP: shard within groups of world/replicas ranks, replicate across groups (nodes)
+    fsdp_cpu_offload: bool = False  # keep sharded params, grads and optimizer state in CPU RAM (slow, saves GPU memory)
+    activation_checkpointing: bool = False  # recompute each block's activations in backward (~1/3 more compute)
+    memory_check: bool = True  # refuse to start when the memory estimate exceeds the device's memory
 
     # ---------------------------------------------------------------------------------------------
     def validate(self) -> TrainConfig:
@@ -136,6 +143,8 @@ class TrainConfig:
         need(self.data_format in DATA_FORMATS, f"data_format={self.data_format!r} must be one of {DATA_FORMATS}")
         need(self.attn_impl in ("sdpa", "diy"), f"attn_impl={self.attn_impl!r} must be sdpa or diy")
         need(self.jsonl_mode in ("pack", "pad"), f"jsonl_mode={self.jsonl_mode!r} must be pack or pad")
+        need(self.parallelism in ("ddp", "fsdp"), f"parallelism={self.parallelism!r} must be ddp or fsdp")
+        need(self.fsdp_replicas >= 1, f"fsdp_replicas must be >= 1 (got {self.fsdp_replicas})")
         if self.init_from.startswith("hf:"):
             need(os.path.isdir(self.init_from[3:]),
                  f"init_from={self.init_from!r}: {self.init_from[3:]!r} is not a folder (hf:DIR names a local "
