@@ -154,18 +154,28 @@ def read_init_checkpoint(spec: str | os.PathLike) -> tuple[dict[str, Any], str]:
 
         return hf_checkpoint_dict(spec[len(HF_PREFIX):]), spec
     path = resolve_checkpoint_path(spec)
+    if os.path.isdir(path):  # a sharded (DCP) checkpoint folder from an FSDP run: assembled in memory
+        from diyllm.training.dcp_checkpoint import consolidated_checkpoint
+
+        return consolidated_checkpoint(path), path
     return read_checkpoint(path, map_location="cpu"), path
 
 
 def resolve_checkpoint_path(path: str | os.PathLike) -> str:
-    """A .pt path as given, or for a run folder its best.pt (else latest.pt)."""
+    """A .pt path as given, a sharded (DCP) checkpoint folder as given, or for a run folder its best
+    checkpoint (best.pt or best/), else its latest (latest.pt or latest/)."""
+    from diyllm.training.dcp_checkpoint import is_dcp_folder
+
     path = os.fspath(path)
     if os.path.isdir(path):
-        for name in ("best.pt", "latest.pt"):
+        if is_dcp_folder(path):
+            return path
+        for name in ("best.pt", "best", "latest.pt", "latest"):
             candidate = os.path.join(path, name)
-            if os.path.exists(candidate):
+            if os.path.isfile(candidate) or is_dcp_folder(candidate):
                 return candidate
-        raise UserError(f"{path} is a folder without best.pt or latest.pt; pass a checkpoint file")
+        raise UserError(f"{path} is a folder without best.pt or latest.pt (or best/, latest/ sharded checkpoints); "
+                        "pass a checkpoint file")
     return path
 
 
