@@ -213,7 +213,7 @@ def format_estimate(est: MemoryEstimate, device_bytes: int = 0, device_note: str
 def suggestions(cfg, est: MemoryEstimate, world_size: int) -> list[str]:
     """What would make a too-large run fit, most effective first."""
     out = []
-    if not cfg.activation_checkpointing and est.activations_plain > 2 * est.activations_checkpointed:
+    if not cfg.activation_checkpointing and est.activations_plain > 1.2 * est.activations_checkpointed:
         out.append(f"activation_checkpointing=true (activations {human_bytes(est.activations_plain)} -> "
                    f"{human_bytes(est.activations_checkpointed)}, ~1/3 more compute)")
     if cfg.batch_size > 1:
