@@ -46,6 +46,7 @@ from diyllm.training.checkpoint import (
 )
 from diyllm.training.config import TrainConfig
 from diyllm.training.data_source import BatchSource, make_source
+from diyllm.training.dcp_checkpoint import load_dcp_checkpoint, read_trainer_state, save_dcp_checkpoint
 from diyllm.training.device import autocast_context, resolve_device, resolve_dtype
 from diyllm.training.distributed import (
     all_reduce_mean,
@@ -54,7 +55,16 @@ from diyllm.training.distributed import (
     gather_objects,
     init_distributed,
 )
+from diyllm.training.fsdp import (
+    build_sharded_model,
+    clip_grad_norm_sharded_,
+    device_mesh,
+    enable_activation_checkpointing,
+    set_gradient_sync,
+    shard_model,
+)
 from diyllm.training.health import HealthMonitor
+from diyllm.training.memory_plan import check_fits, device_memory, estimate_for_train_config, format_estimate
 from diyllm.training.metrics import MetricsLogger, format_eval_line, format_train_line, peak_flops
 from diyllm.training.optim import AdamW, clip_grad_norm_
 from diyllm.training.schedule import cosine_lr
@@ -271,6 +281,10 @@ class Trainer:
                 f"{dist.world_size}"
             )
         self.accum = cfg.gradient_accumulation_steps // dist.world_size
+        # parallelism=fsdp on one process trains as a plain single process (nothing to shard over), but
+        # checkpoints keep the sharded-folder format so the run resumes the same way on any process count.
+        self.fsdp = cfg.parallelism == "fsdp" and dist.enabled
+        self.sharded_ckpt = cfg.parallelism == "fsdp"
         if cfg.num_threads:
             torch.set_num_threads(cfg.num_threads)
         if self.device.type == "cuda":
@@ -299,7 +313,16 @@ class Trainer:
         self.out_dir = Path(cfg.out_dir)
         self.resume_ckpt: dict | None = None
         init_ckpt: dict | None = None
-        if cfg.init_from == "resume":
+        if cfg.init_from == "resume" and self.sharded_ckpt:
+            path = self.out_dir / "latest"
+            if not path.exists():
+                hint = (" (it holds latest.pt from a DDP run: resume it with parallelism=ddp, or start from its "
+                        "weights with init_from=PATH/latest.pt)") if (self.out_dir / "latest.pt").exists() else ""
+                raise UserError(f"init_from=resume with parallelism=fsdp but {path}/ does not exist; nothing to "
+                                f"resume{hint}")
+            self.resume_ckpt = read_trainer_state(path)  # weights + optimizer load once the model is built
+            self.ckpt_path = path
+        elif cfg.init_from == "resume":
             path = self.out_dir / "latest.pt"
             if not path.exists():
                 raise UserError(f"init_from=resume but {path} does not exist; nothing to resume "
@@ -320,16 +343,32 @@ class Trainer:
                 self.model_config = self._config_from_checkpoint(init_ckpt)
             else:
                 self.model_config = model_config_from(cfg, cfg.vocab_size or data_vocab)
-            self.model = DIYForCausalLM(self.model_config)
+            self._check_memory()
+            if self.fsdp:  # built on the meta device, each rank materialises only its shards
+                self.model = build_sharded_model(self.model_config, self.device, self._shard)
+            else:
+                self.model = DIYForCausalLM(self.model_config)
             cfg = self.cfg  # init_from=PATH may have taken the shape fields from the checkpoint
         if self.model_config.vocab_size < data_vocab:
             raise UserError(f"the model's vocab_size {self.model_config.vocab_size} is smaller than the data's "
                             f"{data_vocab}: the data was tokenized with a different tokenizer")
-        for ckpt, path in ((self.resume_ckpt, "latest.pt"), (init_ckpt, cfg.init_from)):
+        if self.fsdp and self.given_model is not None:
+            self._shard(self.model)
+        if cfg.activation_checkpointing and not self.fsdp:
+            enable_activation_checkpointing(unwrap_model(self.model))
+        for ckpt, path in ((self.resume_ckpt, self.ckpt_path if self.resume_ckpt else ""), (init_ckpt, cfg.init_from)):
             if ckpt is not None:
                 self._check_compatible(ckpt, str(path))
-                unwrap_model(self.model).load_state_dict(ckpt["model"])
-        self.model.to(self.device)
+                if "model" not in ckpt:
+                    continue  # a sharded checkpoint: loaded with the optimizer below
+                if self.fsdp:
+                    from torch.distributed.checkpoint.state_dict import StateDictOptions, set_model_state_dict
+
+                    set_model_state_dict(self.model, ckpt["model"], options=StateDictOptions(full_state_dict=True))
+                else:
+                    unwrap_model(self.model).load_state_dict(ckpt["model"])
+        if not self.fsdp:
+            self.model.to(self.device)
         self.num_params = sum(p.numel() for p in unwrap_model(self.model).parameters())
         if dist.rank:
             torch.manual_seed(cfg.seed + dist.rank)  # but different dropout masks per rank
@@ -351,6 +390,8 @@ class Trainer:
         self.elapsed_before = 0.0
         self.last_eval: dict[str, Any] = {}
         if self.resume_ckpt is not None:
+            if "model" not in self.resume_ckpt:  # sharded: every rank reads its slices (any world size)
+                load_dcp_checkpoint(self.ckpt_path, self.model, self.optimizer)
             self._restore_training_state(self.resume_ckpt)
 
         # compile, DDP
@@ -367,7 +408,7 @@ class Trainer:
         self.tokens_per_iter = cfg.batch_size * self.accum * src_ctx * dist.world_size
         if dist.is_main:
             self.out_dir.mkdir(parents=True, exist_ok=True)
-            if cfg.init_from == "scratch" and (self.out_dir / "latest.pt").exists():
+            if cfg.init_from == "scratch" and any((self.out_dir / n).exists() for n in ("latest.pt", "latest")):
                 self.warn(f"{self.out_dir} holds a previous run; its checkpoints will be overwritten "
                           "(use --init_from=resume to continue it instead)")
             with atomic_write(self.out_dir / "config.json", "w", encoding="utf-8") as f:
@@ -384,6 +425,25 @@ class Trainer:
         # Restore the RNGs last: building/moving/compiling the model above may draw random numbers.
         if self.resume_ckpt is not None:
             self._restore_rng(self.resume_ckpt)
+
+    def _shard(self, model: nn.Module) -> nn.Module:
+        """FSDP2 over all ranks (HSDP with fsdp_replicas > 1); activation checkpointing goes inside."""
+        cfg = self.cfg
+        if cfg.activation_checkpointing:
+            enable_activation_checkpointing(model)
+        mesh = device_mesh(self.device.type, self.dist.world_size, cfg.fsdp_replicas)
+        return shard_model(model, mesh, compute_dtype=self.dtype, reshard_after_forward=cfg.fsdp_reshard_after_forward,
+                           cpu_offload=cfg.fsdp_cpu_offload)
+
+    def _check_memory(self) -> None:
+        """Print the per-rank memory estimate; refuse a run that cannot fit (memory_check=false: warn only)."""
+        cfg = self.cfg
+        dtype = str(self.dtype).replace("torch.", "")
+        est = estimate_for_train_config(cfg, self.model_config.vocab_size, self.dist.world_size, compute_dtype=dtype)
+        device_bytes, where = device_memory(self.device)
+        self.memory_report = format_estimate(est, device_bytes, where)
+        if cfg.memory_check:
+            check_fits(cfg, est, device_bytes, where, self.dist.world_size)
 
     def _config_from_checkpoint(self, ckpt: dict) -> DIYConfig:
         """init_from=PATH: the weights decide the shape; the config's training-time knobs still apply."""
@@ -412,7 +472,8 @@ class Trainer:
                             + "\n(train a new model with init_from=scratch, or use matching settings/data)")
 
     def _restore_training_state(self, ckpt: dict) -> None:
-        self.optimizer.load_state_dict(ckpt["optimizer"])
+        if "optimizer" in ckpt:  # (a sharded checkpoint's was loaded with its weights)
+            self.optimizer.load_state_dict(ckpt["optimizer"])
         if self.scaler is not None and ckpt.get("scaler"):
             self.scaler.load_state_dict(ckpt["scaler"])
         self.step = int(ckpt["iteration"])
@@ -456,7 +517,9 @@ class Trainer:
     def _wrap(self, module: nn.Module) -> None:
         """The module the hot loop calls: compiled or eager, inside DDP when distributed."""
         self.eval_model = module
-        if self.dist.enabled:
+        if self.fsdp:  # FSDP2 shards in place: the module itself reduces gradients
+            self.train_model = module
+        elif self.dist.enabled:
             from torch.nn.parallel import DistributedDataParallel as DDP
 
             ids = [self.device.index] if self.device.type == "cuda" else None
@@ -466,7 +529,10 @@ class Trainer:
 
     # -- one optimizer step --
     def _micro_step(self, x: torch.Tensor, y: torch.Tensor, mask: torch.Tensor | None, sync: bool) -> torch.Tensor:
-        no_sync = self.train_model.no_sync() if (self.dist.enabled and not sync) else contextlib.nullcontext()
+        if self.fsdp:
+            set_gradient_sync(unwrap_model(self.model), sync)
+        no_sync = (self.train_model.no_sync() if (self.dist.enabled and not sync and not self.fsdp)
+                   else contextlib.nullcontext())
         with no_sync:
             with autocast_context(self.device, self.dtype):
                 loss = self.train_model(x, targets=y, loss_mask=mask).loss
@@ -508,7 +574,9 @@ class Trainer:
         loss_sum = self.forward_backward()
         if self.scaler is not None:
             self.scaler.unscale_(self.optimizer)
-        if cfg.grad_clip > 0:
+        if self.fsdp:  # the global norm of sharded gradients (all-reduced over the shards)
+            grad_norm = clip_grad_norm_sharded_(self.params, cfg.grad_clip)
+        elif cfg.grad_clip > 0:
             grad_norm = clip_grad_norm_(self.params, cfg.grad_clip)
         else:
             grads = [p.grad for p in self.params if p.grad is not None]
@@ -577,6 +645,10 @@ class Trainer:
 
     def save(self, name: str) -> None:
         extra = self._checkpoint_state()
+        if self.sharded_ckpt:  # every rank writes its shards into RUN/latest/ (or best/)
+            save_dcp_checkpoint(self.out_dir / name.removesuffix(".pt"), self.model, self.optimizer,
+                                {**extra, "iteration": int(self.step)})
+            return
         if self.dist.is_main:
             save_checkpoint(self.model, self.optimizer, self.step, self.out_dir / name, **extra)
 
@@ -703,6 +775,14 @@ class Trainer:
             f"{self.tokens_per_iter:,} tokens/iter; {cfg.max_iters} iters = {self.tokens_per_iter * cfg.max_iters:,}"
             " tokens",
         ]
+        if getattr(self, "memory_report", None):
+            lines.append(self.memory_report)
+        if cfg.parallelism == "fsdp" and not self.dist.enabled:
+            lines.append("note: parallelism=fsdp on one process trains as a plain single process (nothing to shard "
+                         "over); checkpoints are still sharded folders (latest/, best/) that resume on any count")
+        elif self.fsdp:
+            lines.append(f"fsdp: weights, gradients and optimizer state sharded over {self.dist.world_size} ranks"
+                         + (f" (HSDP: {cfg.fsdp_replicas} replica groups)" if cfg.fsdp_replicas > 1 else ""))
         if start_step:
             lines.append(f"resuming from {self.ckpt_path} at iteration {start_step}")
         elif cfg.init_from not in ("scratch", "resume"):
