@@ -92,8 +92,16 @@ def _worker(rank: int, world: int, port: int, out: str, mode: str) -> None:
             save_dcp_checkpoint(Path(out) / "ckpt", model, optimizer,
                                 {"iteration": STEPS, "model_config": config.to_dict(), "tokenizer": None})
             final = full_weights(model)
+            # HSDP: a 2-D mesh (2 replicas x 1 shard); one micro-batch per rank, gradients averaged over both
+            torch.manual_seed(SEED)
+            hsdp_mesh = device_mesh("cpu", world, replicas=2)
+            hsdp = build_sharded_model(config, torch.device("cpu"), lambda m: shard_model(m, hsdp_mesh))
+            x, y = batches(0, 1, world, rank)[0]
+            hsdp(x, targets=y).loss.backward()
+            hsdp_norm = clip_grad_norm_sharded_(list(hsdp.parameters()), 0.0).item()
             if rank == 0:
-                torch.save({"initial": initial, "final": final, "losses": losses}, Path(out) / "train.pt")
+                torch.save({"initial": initial, "final": final, "losses": losses, "hsdp_norm": hsdp_norm,
+                            "hsdp_mesh": hsdp.lm_head.weight.device_mesh.mesh.tolist()}, Path(out) / "train.pt")
         else:  # load the 2-rank checkpoint on `world` ranks
             state = load_dcp_checkpoint(Path(out) / "ckpt", model, optimizer)
             loaded = full_weights(model)
@@ -140,6 +148,16 @@ def test_fsdp_loss_curve_and_weights_equal_single_process(fsdp_run):
     torch.testing.assert_close(torch.tensor(got["losses"]), torch.tensor(losses), rtol=1e-5, atol=0)
     for name, value in model.state_dict().items():
         torch.testing.assert_close(got["final"][name], value, rtol=1e-4, atol=1e-6, msg=name)
+
+
+def test_hsdp_two_dimensional_mesh_gives_the_global_gradient(fsdp_run):
+    got = torch.load(fsdp_run / "train.pt", weights_only=True)
+    assert got["hsdp_mesh"] == [[0], [1]]  # replicate over the 2 ranks, shard within groups of 1
+    model = plain_model()
+    (x0, y0), (x1, y1) = batches(0, 1, 2, 0)[0], batches(0, 1, 2, 1)[0]
+    ((model(x0, targets=y0).loss + model(x1, targets=y1).loss) / 2).backward()
+    expected = clip_grad_norm_(list(model.parameters()), 1e9).item()
+    assert got["hsdp_norm"] == pytest.approx(expected, rel=1e-5)
 
 
 def test_two_rank_checkpoint_loads_exactly_on_three_ranks_and_on_one(fsdp_run):
