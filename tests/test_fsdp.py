@@ -178,19 +178,20 @@ def test_two_rank_checkpoint_loads_exactly_on_three_ranks_and_on_one(fsdp_run):
     assert all(s["step"] == STEPS and s["exp_avg"].abs().sum() > 0 for s in moments)
 
 
-def test_consolidate_gives_the_saved_weights(fsdp_run, tmp_path):
+def test_consolidate_gives_the_saved_weights(fsdp_run, tmp_path, capsys):
+    from diyllm.cli import main
+
     saved = torch.load(fsdp_run / "train.pt", weights_only=True)["final"]
     out = tmp_path / "model.pt"
-    proc = subprocess.run([sys.executable, "-m", "diyllm", "checkpoint", "consolidate", str(fsdp_run / "ckpt"),
-                           "--out", str(out)], capture_output=True, text=True, timeout=120)
-    assert proc.returncode == 0, proc.stderr
+    assert main(["checkpoint", "consolidate", str(fsdp_run / "ckpt"), "--out", str(out)]) == 0
     ckpt = torch.load(out, weights_only=True)
     assert ckpt["iteration"] == STEPS and ckpt["model_config"]["d_model"] == CONFIG["d_model"]
     for name, value in saved.items():
         assert torch.equal(ckpt["model"][name], value), name
-    again = subprocess.run([sys.executable, "-m", "diyllm", "checkpoint", "consolidate", str(fsdp_run / "ckpt"),
-                            "--out", str(out)], capture_output=True, text=True, timeout=120)
-    assert again.returncode == 2 and "--overwrite" in again.stderr
+    assert main(["checkpoint", "consolidate", str(fsdp_run / "ckpt"), "--out", str(out)]) == 2
+    assert "--overwrite" in capsys.readouterr().err
+    assert main(["checkpoint", "consolidate", str(tmp_path), "--out", str(tmp_path / "x.pt")]) == 2
+    assert "is not a sharded (DCP) checkpoint folder" in capsys.readouterr().err
 
 
 def test_dcp_checkpoint_of_another_shape_is_refused_naming_fields(fsdp_run):
