@@ -275,3 +275,12 @@ def test_activation_checkpointing_gives_the_same_gradients():
         assert list(model.state_dict()) == list(plain_model().state_dict())  # names unchanged
     for name, g in grads[0].items():
         torch.testing.assert_close(grads[1][name], g, rtol=1e-6, atol=1e-8, msg=name)
+
+
+def test_fsdp_refuses_float16_and_bad_replica_counts():
+    from diyllm.training.fsdp import device_mesh, shard_model
+
+    with pytest.raises(UserError, match="use dtype=bfloat16"):
+        shard_model(DIYForCausalLM(DIYConfig(**CONFIG)), mesh=None, compute_dtype=torch.float16)
+    with pytest.raises(UserError, match="fsdp_replicas=3 must divide the 2 processes"):
+        device_mesh("cpu", 2, replicas=3)
