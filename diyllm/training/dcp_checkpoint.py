@@ -225,5 +225,36 @@ def consolidate(path: str | os.PathLike, out: str | os.PathLike) -> dict[str, An
     return ckpt
 
 
-__all__ = ["save_dcp_checkpoint", "load_dcp_checkpoint", "read_trainer_state", "consolidated_checkpoint",
-           "consolidate", "is_dcp_folder", "check_complete", "shape_mismatches", "saved_tensor_shapes"]
+class ShardedCheckpointer:
+    """The training loop's checkpointer for parallelism = "fsdp": RUN/latest/ and RUN/best/ DCP folders.
+
+    save(name, model, optimizer, iteration, **entries) is collective; load(name) returns the plain-Python
+    entries (no weights: "model" is absent) and restore(ckpt, model, optimizer) reads this rank's slices.
+    Names may carry a ".pt" suffix (the single-file checkpointer's names); it is dropped."""
+
+    def __init__(self, out_dir: str | os.PathLike):
+        self.out_dir = Path(out_dir)
+
+    def path(self, name: str) -> Path:
+        return self.out_dir / name.removesuffix(".pt")
+
+    def exists(self, name: str) -> bool:
+        return is_dcp_folder(self.path(name))
+
+    def save(self, name: str, model: nn.Module, optimizer: torch.optim.Optimizer, iteration: int,
+             **entries: Any) -> None:
+        save_dcp_checkpoint(self.path(name), model, optimizer, {**entries, "iteration": int(iteration)})
+
+    def load(self, name: str) -> dict[str, Any]:
+        return {**read_trainer_state(self.path(name)), DCP_PATH_KEY: str(self.path(name))}
+
+    def restore(self, ckpt: dict[str, Any], model: nn.Module, optimizer: torch.optim.Optimizer | None) -> None:
+        load_dcp_checkpoint(ckpt[DCP_PATH_KEY], model, optimizer)
+
+
+DCP_PATH_KEY = "dcp_folder"  # in load()'s dict: where restore() reads the tensors from
+
+
+__all__ = ["ShardedCheckpointer", "save_dcp_checkpoint", "load_dcp_checkpoint", "read_trainer_state",
+           "consolidated_checkpoint", "consolidate", "is_dcp_folder", "check_complete", "shape_mismatches",
+           "saved_tensor_shapes"]
