@@ -66,7 +66,7 @@ def _worker(rank: int, world: int, port: int, out: str) -> None:
         out = Path(out)
         trainer = Trainer(fsdp_config(out / "full"), CharStream())
         trainer.run()
-        assert trainer.fsdp and type(trainer.model).__name__.startswith("FSDP")
+        assert trainer.parallel.name == "fsdp" and type(trainer.model).__name__.startswith("FSDP")
         train(fsdp_config(out / "split", max_iters=2), CharStream())
         train(fsdp_config(out / "split", init_from="resume"), CharStream())
     finally:
@@ -111,7 +111,7 @@ def test_two_rank_run_resumes_on_one_process_with_the_saved_weights(runs, tmp_pa
     saved = consolidated_checkpoint(run / "latest")["model"]
     trainer = Trainer(fsdp_config(run, init_from="resume", max_iters=6, lr_decay_iters=6), CharStream()).setup()
     try:
-        assert trainer.step == 4 and not trainer.fsdp
+        assert trainer.state.iteration == 4 and trainer.parallel.name == "none"
         state = trainer.model.state_dict()
         for name, value in saved.items():
             assert torch.equal(state[name], value), name
@@ -142,5 +142,6 @@ def test_consolidated_checkpoint_is_read_by_sample(runs, tmp_path, capsys):
 
 def test_fsdp_resume_without_a_sharded_checkpoint_is_refused(tmp_path):
     train(fsdp_config(tmp_path, parallelism="ddp", max_iters=1, activation_checkpointing=False), CharStream())
-    with pytest.raises(UserError, match=r"latest/ does not exist.*resume it with parallelism=ddp"):
+    with pytest.raises(UserError, match=r"latest does not exist; nothing to resume \(it holds latest\.pt from a "
+                                        r"DDP run: resume it with parallelism=ddp"):
         Trainer(fsdp_config(tmp_path, init_from="resume"), CharStream()).setup()

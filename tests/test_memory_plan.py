@@ -121,11 +121,11 @@ def test_plan_figures_for_fsdp_on_eight_gpus(capsys):
 def test_train_refuses_a_run_that_cannot_fit_before_building_the_model(tmp_path, monkeypatch):
     from test_trainer import make_char_dataset
 
-    from diyllm.training import trainer as trainer_module
+    from diyllm.training import memory_plan
     from diyllm.training.trainer import Trainer
 
     data = make_char_dataset(tmp_path / "data", n_chars=5000)
-    monkeypatch.setattr(trainer_module, "device_memory", lambda device: (2 * GiB, "a 2 GiB test device"))
+    monkeypatch.setattr(memory_plan, "device_memory", lambda device: (2 * GiB, "a 2 GiB test device"))
     cfg = load_config("shakespeare_char_cpu", [f"--data_dir={data}", f"--out_dir={tmp_path / 'run'}",
                                                "--batch_size=4096", "--context_length=64", "--progress=false"])
     with pytest.raises(UserError, match=r"(?s)needs about .* but the device has 2\.00 GiB \(a 2 GiB test device\)"

@@ -106,6 +106,8 @@ class TrainConfig:
     fsdp_cpu_offload: bool = False  # keep sharded params, grads and optimizer state in CPU RAM (slow, saves GPU memory)
     activation_checkpointing: bool = False  # recompute each block's activations in backward (~1/3 more compute)
     memory_check: bool = True  # refuse to start when the memory estimate exceeds the device's memory
+    # --- issue 12: reproducibility ---
+    deterministic: bool = False  # CUDA: torch.use_deterministic_algorithms + cuBLAS workspace (slower); CPU always is
 
     # ---------------------------------------------------------------------------------------------
     def validate(self) -> TrainConfig:

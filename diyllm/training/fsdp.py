@@ -20,8 +20,10 @@ initialised exactly as a plain `DIYForCausalLM(config)` would have been for the 
 
 from __future__ import annotations
 
+import contextlib
 import inspect
 from collections.abc import Callable, Iterable
+from contextlib import AbstractContextManager
 from typing import Any
 
 import torch
@@ -29,6 +31,7 @@ import torch.distributed as dist
 from torch import nn
 
 from diyllm.errors import UserError
+from diyllm.training.parallel import ParallelWrapper
 
 
 def fsdp_api() -> tuple[Callable, type, type]:
@@ -250,5 +253,67 @@ def build_sharded_model(config, device: torch.device, shard: Callable[[nn.Module
     return materialize_meta_model(model, device, rng, schedule)
 
 
-__all__ = ["fsdp_api", "device_mesh", "shard_model", "set_gradient_sync", "enable_activation_checkpointing",
-           "clip_grad_norm_sharded_", "build_sharded_model", "materialize_meta_model", "init_schedule", "is_dtensor"]
+class FullyShardedParallel(ParallelWrapper):
+    """The loop's parallel wrapper for parallelism = "fsdp" (see diyllm.training.parallel for the seam).
+
+    Beyond the seam's three methods it can build the model itself (`build_model`: on the meta device,
+    sharded, each rank materialising its slices) and load a full state_dict into a sharded model
+    (`load_full_state_dict`, for init_from=PATH). `wrap` shards a model that is not sharded yet (a model
+    handed to train()) in place and returns the module it was given (compiled or not), so the compiled
+    wrapper keeps calling the now-sharded module.
+    """
+
+    name = "fsdp"
+
+    def __init__(self, device: torch.device, world_size: int, compute_dtype: torch.dtype = torch.float32,
+                 reshard_after_forward: bool = True, cpu_offload: bool = False, replicas: int = 1,
+                 activation_checkpointing: bool = False):
+        self.device, self.world_size, self.compute_dtype = device, world_size, compute_dtype
+        self.reshard_after_forward, self.cpu_offload, self.replicas = reshard_after_forward, cpu_offload, replicas
+        self.activation_checkpointing = activation_checkpointing
+        self.mesh = None
+
+    @classmethod
+    def from_config(cls, cfg, device: torch.device, world_size: int, compute_dtype: torch.dtype):
+        return cls(device, world_size, compute_dtype, cfg.fsdp_reshard_after_forward, cfg.fsdp_cpu_offload,
+                   cfg.fsdp_replicas, cfg.activation_checkpointing)
+
+    def shard(self, model: nn.Module) -> nn.Module:
+        if getattr(model, "diyllm_sharded", False):
+            return model
+        if self.activation_checkpointing:
+            enable_activation_checkpointing(model)
+        if self.mesh is None:
+            self.mesh = device_mesh(self.device.type, self.world_size, self.replicas)
+        shard_model(model, self.mesh, compute_dtype=self.compute_dtype,
+                    reshard_after_forward=self.reshard_after_forward, cpu_offload=self.cpu_offload)
+        model.diyllm_sharded = True
+        return model
+
+    def build_model(self, config) -> nn.Module:
+        return build_sharded_model(config, self.device, self.shard)
+
+    def load_full_state_dict(self, model: nn.Module, state: dict[str, torch.Tensor]) -> None:
+        from torch.distributed.checkpoint.state_dict import StateDictOptions, set_model_state_dict
+
+        set_model_state_dict(model, state, options=StateDictOptions(full_state_dict=True))
+
+    def wrap(self, model: nn.Module) -> nn.Module:
+        from diyllm.training.checkpoint import unwrap_model
+
+        self.shard(unwrap_model(model))
+        return model
+
+    def sync_gradients(self, train_model: nn.Module, sync: bool) -> AbstractContextManager:
+        from diyllm.training.checkpoint import unwrap_model
+
+        set_gradient_sync(unwrap_model(train_model), sync)
+        return contextlib.nullcontext()
+
+    def clip_grad_norm(self, params: Iterable[nn.Parameter], max_norm: float) -> torch.Tensor:
+        return clip_grad_norm_sharded_(list(params), max_norm)
+
+
+__all__ = ["FullyShardedParallel", "fsdp_api", "device_mesh", "shard_model", "set_gradient_sync",
+           "enable_activation_checkpointing", "clip_grad_norm_sharded_", "build_sharded_model",
+           "materialize_meta_model", "init_schedule", "is_dtensor"]

@@ -139,7 +139,7 @@ def estimate_memory(
 def estimate_for_train_config(cfg, vocab_size: int, world_size: int = 1, compute_dtype: str | None = None
                               ) -> MemoryEstimate:
     """estimate_memory for a TrainConfig (batch_size is per process and micro-step)."""
-    from diyllm.training.trainer import model_config_from
+    from diyllm.training.build import model_config_from
 
     return estimate_memory(
         model_config_from(cfg, vocab_size), batch_size=cfg.batch_size, seq_len=cfg.context_length,
@@ -242,5 +242,20 @@ def check_fits(cfg, est: MemoryEstimate, device_bytes: int, device_note: str, wo
         "(memory_check=false starts anyway)")
 
 
-__all__ = ["MemoryEstimate", "estimate_memory", "estimate_for_train_config", "count_parameters",
+def check_memory(cfg, model_config: DIYConfig, world_size: int, device, dtype) -> str:
+    """The training run's estimate as text (for the run header); UserError with suggestions when it
+    cannot fit the device and cfg.memory_check is on."""
+    compute = str(dtype).replace("torch.", "")
+    est = estimate_memory(
+        model_config, batch_size=cfg.batch_size, seq_len=cfg.context_length, world_size=world_size,
+        parallelism=cfg.parallelism, compute_dtype=compute, activation_checkpointing=cfg.activation_checkpointing,
+        reshard_after_forward=cfg.fsdp_reshard_after_forward, cpu_offload=cfg.fsdp_cpu_offload,
+        fsdp_replicas=cfg.fsdp_replicas)
+    device_bytes, where = device_memory(device)
+    if cfg.memory_check:
+        check_fits(cfg, est, device_bytes, where, world_size)
+    return format_estimate(est, device_bytes, where)
+
+
+__all__ = ["check_memory", "MemoryEstimate", "estimate_memory", "estimate_for_train_config", "count_parameters",
            "format_estimate", "check_fits", "suggestions", "parse_bytes", "human_bytes", "device_memory"]
