@@ -141,14 +141,20 @@ def model_from_checkpoint(ckpt: dict[str, Any], where: str, device: str | torch.
 
 
 def resolve_checkpoint_path(path: str | os.PathLike) -> str:
-    """A .pt path as given, or for a run folder its best.pt (else latest.pt)."""
+    """A .pt path as given, a sharded (DCP) checkpoint folder as given, or for a run folder its best
+    checkpoint (best.pt or best/), else its latest (latest.pt or latest/)."""
+    from diyllm.dcp_files import is_dcp_folder
+
     path = os.fspath(path)
     if os.path.isdir(path):
-        for name in ("best.pt", "latest.pt"):
+        if is_dcp_folder(path):
+            return path
+        for name in ("best.pt", "best", "latest.pt", "latest"):
             candidate = os.path.join(path, name)
-            if os.path.exists(candidate):
+            if os.path.isfile(candidate) or is_dcp_folder(candidate):
                 return candidate
-        raise UserError(f"{path} is a folder without best.pt or latest.pt; pass a checkpoint file")
+        raise UserError(f"{path} is a folder without best.pt or latest.pt (or best/, latest/ sharded checkpoints); "
+                        "pass a checkpoint file")
     return path
 
 

@@ -25,6 +25,8 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "inspect-data": ("diyllm.data.inspect", "look inside a prepared dataset"),
     "train": ("diyllm.training.cli", "pretrain a model from a config file plus --key=value overrides"),
     "sft": ("diyllm.training.sft_cli", "supervised fine-tuning on conversations (same loop as train)"),
+    "plan": ("diyllm.training.plan_cli", "estimate memory per rank, tokens/step, FLOPs and time of a run"),
+    "checkpoint": ("diyllm.training.checkpoint_cli", "checkpoint tools: consolidate a sharded (DCP) checkpoint"),
     "sample": ("diyllm.generation.cli", "generate text from a checkpoint"),
     "chat": ("diyllm.generation.chat", "talk to a fine-tuned checkpoint in the terminal"),
     "show-sft-sample": ("diyllm.data.show_sft", "render one SFT conversation with its trained tokens marked"),

@@ -23,13 +23,17 @@ HF_PREFIX = "hf:"
 
 def read_model_reference(spec: str | os.PathLike) -> tuple[dict[str, Any], str]:
     """(checkpoint dict, where it came from) for what init_from / --ckpt name: a .pt file, a run folder,
-    or "hf:DIR", a local Hugging Face Llama folder read as if it were a diyllm checkpoint (iteration 0)."""
+    a sharded (DCP) checkpoint folder, or "hf:DIR", a local Hugging Face Llama folder read as if it were a diyllm checkpoint (iteration 0)."""
     spec = os.fspath(spec)
     if spec.startswith(HF_PREFIX):
         from diyllm.interop.hf import hf_checkpoint_dict
 
         return hf_checkpoint_dict(spec[len(HF_PREFIX):]), spec
     path = resolve_checkpoint_path(spec)
+    if os.path.isdir(path):  # a sharded (DCP) checkpoint folder from an FSDP run: assembled in memory
+        from diyllm.dcp_files import consolidated_checkpoint
+
+        return consolidated_checkpoint(path), path
     return read_checkpoint(path, map_location="cpu"), path
 
 

@@ -29,7 +29,11 @@ class Linear(nn.Module):
         super().__init__()
         self.in_features, self.out_features = in_features, out_features
         self.weight = nn.Parameter(torch.empty(out_features, in_features, device=device, dtype=dtype))
-        trunc_normal_(self.weight, math.sqrt(2.0 / (in_features + out_features)))
+        self.reset_parameters()
+
+    def reset_parameters(self) -> None:
+        """The initial values (also replayed shard by shard when the model is built on the meta device)."""
+        trunc_normal_(self.weight, math.sqrt(2.0 / (self.in_features + self.out_features)))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return x @ self.weight.t()
@@ -71,6 +75,9 @@ class Embedding(nn.Module):
         super().__init__()
         self.num_embeddings, self.embedding_dim = num_embeddings, embedding_dim
         self.weight = nn.Parameter(torch.empty(num_embeddings, embedding_dim, device=device, dtype=dtype))
+        self.reset_parameters()
+
+    def reset_parameters(self) -> None:
         trunc_normal_(self.weight, 1.0)
 
     def forward(self, token_ids: torch.Tensor) -> torch.Tensor:
@@ -89,6 +96,9 @@ class RMSNorm(nn.Module):
         super().__init__()
         self.eps = eps
         self.weight = nn.Parameter(torch.ones(d_model, device=device, dtype=dtype))
+
+    def reset_parameters(self) -> None:
+        nn.init.ones_(self.weight)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         in_dtype = x.dtype

@@ -34,6 +34,12 @@ def dropout(x: torch.Tensor, p: float, training: bool) -> torch.Tensor:
     return F.dropout(x, p) if training and p else x
 
 
+def gpt2_init_std(name: str, std: float, num_layers: int) -> float:
+    """The GPT-2 style init's std for the matrix `name`: residual-branch outputs get std/√(2·layers)."""
+    residual_out = name.endswith(("output_proj.weight", "w2.weight"))
+    return std / math.sqrt(2 * num_layers) if residual_out else std
+
+
 class TransformerBlock(nn.Module):
     """Pre-norm residual block: normalising the branch input (not the sum) keeps the residual
     stream an identity path, which is what makes deep stacks trainable without warm-up tricks."""
@@ -83,8 +89,7 @@ class DIYForCausalLM(nn.Module):
         for name, p in self.named_parameters():
             if p.dim() < 2:
                 continue
-            residual_out = name.endswith(("output_proj.weight", "w2.weight"))
-            scale = std / math.sqrt(2 * self.config.num_layers) if residual_out else std
+            scale = gpt2_init_std(name, std, self.config.num_layers)
             nn.init.trunc_normal_(p, 0.0, scale, -3 * scale, 3 * scale)
 
     def forward(

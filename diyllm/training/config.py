@@ -104,6 +104,13 @@ class TrainConfig:
     # --- issue 13: run-folder safety ---
     overwrite: bool = False  # start a new run in an out_dir that holds one (its run files are removed first)
     keep_checkpoints: int = 2  # latest.pt plus this many - 1 older copies (previous.pt, ...) to fall back to
+    # --- issue 15: scale-out (FSDP2, sharded checkpoints, memory planning; docs/training.md) ---
+    parallelism: str = "ddp"  # ddp | fsdp: how several processes share the work (one process: neither)
+    fsdp_reshard_after_forward: bool = True  # free gathered weights after forward (less memory, one more all-gather)
+    fsdp_replicas: int = 1  # HSDP: shard within groups of world/replicas ranks, replicate across groups (nodes)
+    fsdp_cpu_offload: bool = False  # keep sharded params, grads and optimizer state in CPU RAM (slow, saves GPU memory)
+    activation_checkpointing: bool = False  # recompute each block's activations in backward (~1/3 more compute)
+    memory_check: bool = True  # refuse to start when the memory estimate exceeds the device's memory
     # --- issue 12: reproducibility ---
     deterministic: bool = False  # CUDA: torch.use_deterministic_algorithms + cuBLAS workspace (slower); CPU always is
     # --- issue 18: benchmark evals during training (diyllm.eval; see docs/eval.md) ---
@@ -152,6 +159,8 @@ class TrainConfig:
         need(self.jsonl_mode in ("pack", "pad"), f"jsonl_mode={self.jsonl_mode!r} must be pack or pad")
         need(self.batch_sampling in ("random", "doc_aligned"),  # issue 14
              f"batch_sampling={self.batch_sampling!r} must be random or doc_aligned")
+        need(self.parallelism in ("ddp", "fsdp"), f"parallelism={self.parallelism!r} must be ddp or fsdp")
+        need(self.fsdp_replicas >= 1, f"fsdp_replicas must be >= 1 (got {self.fsdp_replicas})")
         if self.init_from.startswith("hf:"):
             need(os.path.isdir(self.init_from[3:]),
                  f"init_from={self.init_from!r}: {self.init_from[3:]!r} is not a folder (hf:DIR names a local "

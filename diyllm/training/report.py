@@ -60,6 +60,14 @@ def header_lines(t: Any) -> list[str]:
         f"batch: {cfg.batch_size} seqs x {t.accum} micro-steps x {t.dist.world_size} processes = "
         f"{t.tokens_per_iter:,} tokens/iter; {cfg.max_iters} iters = {t.tokens_per_iter * cfg.max_iters:,} tokens",
     ]
+    if getattr(t, "memory_report", None):
+        lines.append(t.memory_report)
+    if cfg.parallelism == "fsdp" and not t.dist.enabled:
+        lines.append("note: parallelism=fsdp on one process trains as a plain single process (nothing to shard "
+                     "over); checkpoints are still sharded folders (latest/, best/) that resume on any count")
+    elif getattr(t.parallel, "name", "") == "fsdp":
+        lines.append(f"fsdp: weights, gradients and optimizer state sharded over {t.dist.world_size} ranks"
+                     + (f" (HSDP: {cfg.fsdp_replicas} replica groups)" if cfg.fsdp_replicas > 1 else ""))
     if t.resumed:
         lines.append(f"resuming from {t.ckpt_path} at iteration {t.state.iteration}")
     elif cfg.init_from not in ("scratch", "resume"):

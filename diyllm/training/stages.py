@@ -27,10 +27,13 @@ from diyllm.training import build, resume
 from diyllm.training.checkpointer import SingleFileCheckpointer
 from diyllm.training.components import CheckpointSchedule, EarlyStopping, Evaluator
 from diyllm.training.data_source import make_source
+from diyllm.training.dcp_checkpoint import ShardedCheckpointer
 from diyllm.training.device import resolve_device, resolve_dtype
 from diyllm.training.distributed import init_distributed
+from diyllm.training.fsdp import enable_activation_checkpointing
 from diyllm.training.health import HealthMonitor
 from diyllm.training.loop_state import LoopState
+from diyllm.training.memory_plan import check_memory
 from diyllm.training.metrics import MetricsLogger, peak_flops
 from diyllm.training.parallel import default_parallel
 from diyllm.training.schedule import check_resume_schedule
@@ -72,6 +75,9 @@ class SetupStages:
     def _setup_model(self) -> None:
         cfg = self.cfg
         init_ckpt = None
+        # chosen here, not in the wrap stage: a sharding wrapper builds the model itself (meta device)
+        self.parallel = self.parallel or default_parallel(self.dist, self.device, cfg, self.dtype)
+        build_sharded = getattr(self.parallel, "build_model", None)
         if cfg.init_from not in ("scratch", "resume"):
             init_ckpt, where = read_model_reference(cfg.init_from)  # a .pt, a run folder, or hf:DIR
             self.ckpt_path = Path(where)
@@ -85,15 +91,26 @@ class SetupStages:
                 self.cfg, self.model_config = build.checkpoint_shape(cfg, init_ckpt, self.log)
             else:
                 self.model_config = build.model_config_from(cfg, cfg.vocab_size or self.data_vocab)
-            self.model = DIYForCausalLM(self.model_config)
+            self.memory_report = check_memory(self.cfg, self.model_config, self.dist.world_size, self.device,
+                                              self.dtype)
+            if build_sharded is not None:  # each rank materialises only its own shards
+                self.model = build_sharded(self.model_config)
+            else:
+                self.model = DIYForCausalLM(self.model_config)
         if self.model_config.vocab_size < self.data_vocab:
             raise UserError(f"the model's vocab_size {self.model_config.vocab_size} is smaller than the data's "
                             f"{self.data_vocab}: the data was tokenized with a different tokenizer")
         if init_ckpt is not None:
             resume.check_compatible(init_ckpt, self.model_config, getattr(self.source, "tokenizer", None),
                                     str(cfg.init_from))
-            unwrap_model(self.model).load_state_dict(init_ckpt["model"])
-        self.model.to(self.device)
+            if getattr(self.parallel, "load_full_state_dict", None) is not None and self.given_model is None:
+                self.parallel.load_full_state_dict(self.model, init_ckpt["model"])
+            else:
+                unwrap_model(self.model).load_state_dict(init_ckpt["model"])
+        if build_sharded is None or self.given_model is not None:
+            self.model.to(self.device)
+            if cfg.activation_checkpointing and build_sharded is None:
+                enable_activation_checkpointing(unwrap_model(self.model))
         self.num_params = sum(p.numel() for p in unwrap_model(self.model).parameters())
         build.seed_dropout(self.cfg.seed, self.dist.rank)
         self.objective.prepare(unwrap_model(self.model), self.device)
@@ -119,7 +136,10 @@ class SetupStages:
     def _setup_restore(self) -> None:
         cfg = self.cfg
         self.out_dir = Path(cfg.out_dir)
-        self.checkpointer = self.checkpointer or SingleFileCheckpointer(self.out_dir, self.dist, cfg.keep_checkpoints)
+        if self.checkpointer is None:  # fsdp: sharded folders latest/ and best/, also on one process
+            sharded = cfg.parallelism == "fsdp"
+            self.checkpointer = ShardedCheckpointer(self.out_dir) if sharded else SingleFileCheckpointer(
+                self.out_dir, self.dist, cfg.keep_checkpoints)
         self.resumed = cfg.init_from == "resume"
         if not self.resumed:
             self.state = LoopState()
