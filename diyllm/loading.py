@@ -23,7 +23,8 @@ HF_PREFIX = "hf:"
 
 def read_model_reference(spec: str | os.PathLike) -> tuple[dict[str, Any], str]:
     """(checkpoint dict, where it came from) for what init_from / --ckpt name: a .pt file, a run folder,
-    a sharded (DCP) checkpoint folder, or "hf:DIR", a local Hugging Face Llama folder read as if it were a diyllm checkpoint (iteration 0)."""
+    a sharded (DCP) checkpoint folder, or "hf:DIR", a local Hugging Face Llama folder read as if it were a
+    diyllm checkpoint (iteration 0)."""
     spec = os.fspath(spec)
     if spec.startswith(HF_PREFIX):
         from diyllm.interop.hf import hf_checkpoint_dict

@@ -9,8 +9,8 @@ A wrapper answers the three questions the loop has about parallelism, and nothin
 
 `wrap` is called after the model is on its device (and compiled, if asked) and *before* the optimizer
 is built, because a sharding wrapper (FSDP) replaces the parameters the optimizer must hold.
-`SingleProcess` (no wrapper) and `DataParallel` (DistributedDataParallel) are today's; `default_parallel`
-picks one from the process group torchrun set up.
+`SingleProcess` (no wrapper) and `DataParallel` (DistributedDataParallel) live here, FSDP in fsdp.py;
+`stages.default_parallel` picks one from the process group torchrun set up.
 """
 
 from __future__ import annotations
@@ -22,7 +22,6 @@ from contextlib import AbstractContextManager
 import torch
 from torch import nn
 
-from diyllm.training.distributed import DistInfo
 from diyllm.training.optim import clip_grad_norm_
 
 
@@ -72,12 +71,3 @@ class DataParallel(ParallelWrapper):
         # Accumulating micro-steps need no all-reduce: only the last one's backward syncs the sum.
         return contextlib.nullcontext() if sync else train_model.no_sync()
 
-
-def default_parallel(dist: DistInfo, device: torch.device, cfg=None, dtype: torch.dtype = torch.float32
-                     ) -> ParallelWrapper:
-    """DDP when torchrun started several processes (FSDP when cfg.parallelism = "fsdp"), else no wrapper."""
-    if dist.enabled and cfg is not None and getattr(cfg, "parallelism", "ddp") == "fsdp":
-        from diyllm.training.fsdp import FullyShardedParallel
-
-        return FullyShardedParallel.from_config(cfg, device, dist.world_size, dtype)
-    return DataParallel(device) if dist.enabled else SingleProcess()

@@ -29,13 +29,13 @@ from diyllm.training.components import CheckpointSchedule, EarlyStopping, Evalua
 from diyllm.training.data_source import make_source
 from diyllm.training.dcp_checkpoint import ShardedCheckpointer
 from diyllm.training.device import resolve_device, resolve_dtype
-from diyllm.training.distributed import init_distributed
-from diyllm.training.fsdp import enable_activation_checkpointing
+from diyllm.training.distributed import DistInfo, init_distributed
+from diyllm.training.fsdp import FullyShardedParallel, enable_activation_checkpointing
 from diyllm.training.health import HealthMonitor
 from diyllm.training.loop_state import LoopState
 from diyllm.training.memory_plan import check_memory
 from diyllm.training.metrics import MetricsLogger, peak_flops
-from diyllm.training.parallel import default_parallel
+from diyllm.training.parallel import DataParallel, ParallelWrapper, SingleProcess
 from diyllm.training.schedule import check_resume_schedule
 
 
@@ -190,3 +190,12 @@ class SetupStages:
         if self.resumed:  # last: building, moving and compiling the model above may draw random numbers
             resume.restore_rngs(self._resume_ckpt, dist)
             del self._resume_ckpt
+
+
+
+def default_parallel(dist: DistInfo, device: torch.device, cfg=None, dtype: torch.dtype = torch.float32
+                     ) -> ParallelWrapper:
+    """DDP when torchrun started several processes (FSDP when cfg.parallelism = "fsdp"), else no wrapper."""
+    if dist.enabled and cfg is not None and getattr(cfg, "parallelism", "ddp") == "fsdp":
+        return FullyShardedParallel.from_config(cfg, device, dist.world_size, dtype)
+    return DataParallel(device) if dist.enabled else SingleProcess()
