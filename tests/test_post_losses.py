@@ -1,0 +1,93 @@
+"""Post-training losses against independent computations (closed forms, torch.nn.functional, float64)."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from diyllm.training.post_losses import distill_kl, dpo_loss, grpo_loss, sequence_logps, token_logps
+from diyllm.training.rewards import group_advantages
+
+pytestmark = pytest.mark.usefixtures("one_thread")
+
+
+def test_sequence_logps_sum_the_masked_token_log_probabilities():
+    torch.manual_seed(0)
+    logits = torch.randn(3, 5, 7, dtype=torch.float64)
+    targets = torch.randint(0, 7, (3, 5))
+    targets[0, -1] = -100
+    mask = torch.tensor([[0, 1, 1, 1, 0], [1, 1, 1, 1, 1], [0, 0, 0, 1, 1]], dtype=torch.float64)
+    per_token = -F.cross_entropy(logits.reshape(-1, 7), targets.reshape(-1), reduction="none", ignore_index=-100)
+    want = (per_token.view(3, 5) * mask).sum(-1)
+    torch.testing.assert_close(sequence_logps(logits, targets, mask), want.float())
+    assert token_logps(logits, targets)[0, -1] == 0
+
+
+def test_dpo_loss_is_the_closed_form_and_log2_when_policy_equals_reference():
+    pc, pr = torch.tensor([-3.0, -5.0]), torch.tensor([-4.0, -2.0])
+    rc, rr = torch.tensor([-3.5, -4.0]), torch.tensor([-3.0, -3.0])
+    beta = 0.5
+    loss, metrics = dpo_loss(pc, pr, rc, rr, beta=beta)
+    margins = [beta * ((-3.0 + 3.5) - (-4.0 + 3.0)), beta * ((-5.0 + 4.0) - (-2.0 + 3.0))]  # 0.75, -1.0
+    want = sum(math.log(1 + math.exp(-h)) for h in margins) / 2
+    assert loss.item() == pytest.approx(want, rel=1e-6)
+    assert metrics["reward_margin"].item() == pytest.approx(sum(margins) / 2)
+    assert metrics["preference_accuracy"].item() == 0.5
+    same, m0 = dpo_loss(pc, pr, pc, pr, beta=0.1)
+    assert same.item() == pytest.approx(math.log(2), rel=1e-6) and m0["reward_margin"] == 0
+    eps = 0.2
+    smooth, _ = dpo_loss(pc, pr, rc, rr, beta=beta, label_smoothing=eps)
+    want_s = sum((1 - eps) * math.log(1 + math.exp(-h)) + eps * math.log(1 + math.exp(h)) for h in margins) / 2
+    assert smooth.item() == pytest.approx(want_s, rel=1e-6)
+
+
+def test_distill_kl_equals_an_independent_kl_times_t_squared():
+    torch.manual_seed(0)
+    s, t = torch.randn(2, 3, 11, dtype=torch.float64), torch.randn(2, 3, 11, dtype=torch.float64) * 2
+    T = 2.0
+    p = torch.softmax(t / T, -1)
+    q = torch.softmax(s / T, -1)
+    want = (p * (p.log() - q.log())).sum(-1) * T * T
+    torch.testing.assert_close(distill_kl(s, t, T), want.float())
+    torch.testing.assert_close(  # and torch's own KL (input = student log-probs, target = teacher probs)
+        distill_kl(s, t, T).sum(), (F.kl_div(torch.log_softmax(s / T, -1), p, reduction="sum") * T * T).float())
+    assert distill_kl(t, t, 3.0).abs().max() < 1e-6
+
+
+def test_group_advantages_are_normalised_within_each_group():
+    r = torch.tensor([[1.0, 0.0, 0.0, 1.0], [1.0, 1.0, 1.0, 1.0], [0.0, 0.0, 0.0, 3.0]])
+    a = group_advantages(r, eps=0.0 + 1e-12)
+    torch.testing.assert_close(a[0], torch.tensor([1.0, -1.0, -1.0, 1.0]))
+    assert a[1].abs().max() < 1e-6  # equal rewards teach nothing
+    std = math.sqrt((3 * 0.75**2 + 2.25**2) / 4)
+    torch.testing.assert_close(a[2], torch.tensor([-0.75, -0.75, -0.75, 2.25]) / std)
+
+
+def test_grpo_loss_matches_the_written_out_clipped_objective_with_k3_kl():
+    torch.manual_seed(0)
+    logps = torch.randn(3, 4, dtype=torch.float64) * 0.3 - 1
+    old = logps + torch.randn(3, 4, dtype=torch.float64) * 0.3
+    ref = logps + torch.randn(3, 4, dtype=torch.float64) * 0.3
+    adv = torch.tensor([1.0, -0.5, 2.0])
+    mask = torch.tensor([[1, 1, 0, 0], [1, 1, 1, 1], [0, 1, 1, 0]], dtype=torch.float64)
+    eps, beta = 0.2, 0.05
+    total, n = 0.0, 0
+    for i in range(3):
+        for j in range(4):
+            if not mask[i, j]:
+                continue
+            rho = math.exp(logps[i, j] - old[i, j])
+            pg = -min(rho * adv[i].item(), min(max(rho, 1 - eps), 1 + eps) * adv[i].item())
+            d = ref[i, j].item() - logps[i, j].item()
+            total += pg + beta * (math.exp(d) - d - 1)
+            n += 1
+    loss, metrics = grpo_loss(logps, old, adv, mask, clip_eps=eps, ref_logps=ref, kl_coef=beta)
+    assert loss.item() == pytest.approx(total / n, rel=1e-9)
+    assert metrics["kl"].item() > 0
+    # on-policy (old = current): the gradient is the plain policy gradient −A·∇logp averaged over tokens
+    lp = logps.clone().requires_grad_()
+    grpo_loss(lp, lp.detach(), adv, mask)[0].backward()
+    torch.testing.assert_close(lp.grad, -(adv[:, None].double() * mask) / mask.sum())
