@@ -26,6 +26,8 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "sft": ("diyllm.training.sft_cli", "supervised fine-tuning on conversations (same loop as train)"),
     "sample": ("diyllm.generation.cli", "generate text from a checkpoint"),
     "chat": ("diyllm.generation.chat", "talk to a fine-tuned checkpoint in the terminal"),
+    # --- issue 16: post-training ---
+    "lora": ("diyllm.training.lora_cli", "LoRA adapters: `diyllm lora merge --ckpt RUN --out merged.pt`"),
     "show-sft-sample": ("diyllm.data.show_sft", "render one SFT conversation with its trained tokens marked"),
     "plot": ("diyllm.lab.plot", "plot loss curves of one or more runs to a PNG"),
     "compare": ("diyllm.lab.compare", "table comparing runs (loss, gap, speed, size)"),

@@ -129,3 +129,90 @@ def test_lora_b_gets_the_gradient_of_the_reference_formula():
     layer(x).pow(2).sum().backward()
     torch.testing.assert_close(layer.lora_A.grad, A.grad)
     torch.testing.assert_close(layer.lora_B.grad, B.grad)
+
+
+# ---- adapter checkpoints, merge, export ------------------------------------------------------------------
+
+
+def _base_checkpoint(tmp_path, seed=0):
+    from diyllm.data.chat_template import add_chat_tokens
+    from diyllm.tokenizers import BPETokenizer
+    from diyllm.training.checkpoint import save_checkpoint
+
+    tok = BPETokenizer({i: bytes([i]) for i in range(256)}, [], special_tokens=["<|endoftext|>"])
+    add_chat_tokens(tok)
+    tok.save(tmp_path / "tok.json")
+    torch.manual_seed(seed)
+    model = DIYForCausalLM(DIYConfig(vocab_size=tok.vocab_size, context_length=16, d_model=32, num_layers=2,
+                                     num_heads=4, d_ff=64))
+    path = tmp_path / "base.pt"
+    save_checkpoint(model, None, 0, path, model_config=model.config.to_dict(),
+                    tokenizer=(tmp_path / "tok.json").read_text())
+    return path
+
+
+def _adapter_checkpoint(tmp_path, base_path, rank):
+    from diyllm.training.checkpoint import load_model, save_checkpoint
+    from diyllm.training.lora_checkpoint import adapter_entries, base_reference
+
+    model, _, saved = load_model(base_path)
+    ref = base_reference(str(base_path), model)
+    apply_lora(model, rank=rank, alpha=2 * rank)
+    _randomise_b(model)
+    entries = adapter_entries(model, ref)
+    out = tmp_path / f"lora{rank}.pt"
+    save_checkpoint(model, None, 5, out, model_config=model.config.to_dict(), tokenizer=saved["tokenizer"],
+                    lora=entries["lora"])
+    state = torch.load(out, weights_only=True)
+    state["model"] = entries["model"]  # what the trainer's LoRA checkpointer writes
+    torch.save(state, out)
+    return out, model.eval()
+
+
+def test_adapter_checkpoints_reload_merge_and_refuse_a_changed_base(tmp_path, capsys):
+    from diyllm.cli import main
+    from diyllm.training.checkpoint import load_model
+
+    base = _base_checkpoint(tmp_path)
+    ids = torch.randint(0, 250, (2, 10))
+    sizes = {}
+    for rank in (4, 8, 16):
+        path, trained = _adapter_checkpoint(tmp_path, base, rank)
+        sizes[rank] = path.stat().st_size
+    want = trained(ids).logits
+    loaded, tok, saved = load_model(path)  # base + adapters, unmerged
+    assert "lora" in saved and tok is not None and any(isinstance(m, LoRALinear) for m in loaded.modules())
+    torch.testing.assert_close(loaded(ids).logits, want)
+    # file size = fixed part (tokenizer text, config) + 4 bytes x rank x sum(d_in + d_out) over adapters
+    c = loaded.config
+    per_rank = 4 * c.num_layers * (4 * c.d_model + 2 * (c.d_model + c.num_kv_heads * c.head_dim)
+                                   + 3 * (c.d_model + c.d_ff))
+    assert sizes[8] - sizes[4] == pytest.approx(4 * per_rank, rel=0.05)
+    assert sizes[16] - sizes[8] == pytest.approx(8 * per_rank, rel=0.05)
+    assert "layers.0.attn.q_proj.weight" not in saved["model"]  # no base weights inside
+
+    merged = tmp_path / "merged.pt"
+    assert main(["lora", "merge", "--ckpt", str(path), "--out", str(merged)]) == 0
+    plain, _, msaved = load_model(merged)
+    assert "lora" not in msaved and not any(isinstance(m, LoRALinear) for m in plain.modules())
+    torch.testing.assert_close(plain(ids).logits, want, rtol=1e-5, atol=1e-5)
+    assert main(["lora", "merge", "--ckpt", str(path), "--out", str(merged)]) == 2  # refuses to overwrite
+    assert main(["lora", "merge", "--ckpt", str(base), "--out", str(tmp_path / "x.pt")]) == 2
+    assert "not a LoRA checkpoint" in capsys.readouterr().err
+
+    _base_checkpoint(tmp_path, seed=1)  # the base file changes under the adapters
+    with pytest.raises(UserError, match="has changed"):
+        load_model(path)
+
+
+def test_merged_lora_export_loads_in_transformers_with_equal_logits(tmp_path):
+    transformers = pytest.importorskip("transformers")
+    from diyllm.interop.hf import export_checkpoint
+
+    base = _base_checkpoint(tmp_path)
+    path, trained = _adapter_checkpoint(tmp_path, base, 4)
+    out = export_checkpoint(path, tmp_path / "hf")  # exporting an adapter checkpoint merges it
+    hf = transformers.AutoModelForCausalLM.from_pretrained(out, dtype=torch.float32).eval()
+    ids = torch.randint(0, 250, (2, 10))
+    with torch.no_grad():
+        torch.testing.assert_close(hf(ids).logits, trained(ids).logits, rtol=1e-4, atol=1e-4)

@@ -122,6 +122,9 @@ def export_checkpoint(
     from diyllm.training.checkpoint import load_model
 
     model, tokenizer, _ = load_model(ckpt_path, device="cpu")
+    from diyllm.model.lora import merge_lora
+
+    merge_lora(model)  # a LoRA checkpoint loads as base + adapters: export the folded weights
     if tokenizer is None:
         warnings.warn(f"{ckpt_path} embeds no tokenizer; exporting the model without tokenizer files", stacklevel=2)
     return export_hf(model, out_dir, tokenizer, dtype=dtype, overwrite=overwrite)

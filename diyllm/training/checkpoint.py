@@ -126,6 +126,11 @@ def load_model(ckpt_path: str | os.PathLike, device: str | torch.device = "cpu")
     from diyllm.model import DIYForCausalLM
 
     ckpt, path = read_init_checkpoint(ckpt_path)
+    if "lora" in ckpt:  # adapters + a reference to their base (diyllm/training/lora_checkpoint.py)
+        from diyllm.training.lora_checkpoint import load_lora_model
+
+        return (load_lora_model(ckpt, os.fspath(path), device), tokenizer_from_text(ckpt.get("tokenizer"), path),
+                ckpt)
     config = model_config_from_checkpoint(ckpt, os.fspath(path))
     model = DIYForCausalLM(config)
     state = _strip_wrapper_prefixes(ckpt["model"])
