@@ -1,8 +1,14 @@
-"""Synthetic preference pairs from the synthetic tasks: the correct answer is chosen, a plausible wrong
-one (a neighbouring sum, another capital, a misspelling, an off-by-one count) is rejected.
+"""Synthetic preference pairs made from the synthetic tasks, of two kinds:
 
-Train and val use disjoint question phrasings, as in `diyllm.data.synthetic.make_splits`, so held-out
-preference accuracy measures whether the model learned which answers are right, not the strings.
+* "correct": the correct answer is chosen, a plausible wrong one (a neighbouring sum, another capital,
+  a misspelling, an off-by-one count) is rejected. What a real preference set teaches, but a tiny model
+  mostly memorises it: held-out accuracy moves little unless the model already knows the facts.
+* "style": the question asks for the answer in upper or in lower case (half each); the reply in the
+  asked case is chosen, the other one rejected. An untrained model prefers either side equally often
+  (the two instructions cancel any bias), and the rule generalises to unseen questions, so held-out
+  preference accuracy going from ~50% to ~100% shows DPO working in a minute of CPU.
+
+Train and val use disjoint question phrasings, as in `diyllm.data.synthetic.make_splits`.
 
     python -m diyllm.data.synthetic_preference --out data/prefs --train 2000 --val 200
 """
@@ -51,11 +57,39 @@ def to_pairs(conversations: Sequence[dict], seed: int = 0, system: bool = True) 
     return rows
 
 
+CASE_INSTRUCTIONS = {"upper": "Answer in upper case.", "lower": "Answer in lower case."}
+LETTER_TASKS = ("capital", "reverse", "spell")
+
+
+def to_style_pairs(conversations: Sequence[dict], seed: int = 0, system: bool = True) -> list[dict]:
+    """Case-instruction preference rows (see the module docstring); tasks without letters are skipped."""
+    rng = random.Random(seed)
+    rows = []
+    for c in conversations:
+        if c["task"] not in LETTER_TASKS:
+            continue
+        prompt = [dict(m) for m in c["conversations"][:-1] if system or m["role"] != "system"]
+        case = rng.choice(sorted(CASE_INSTRUCTIONS))
+        prompt[-1]["content"] += " " + CASE_INSTRUCTIONS[case]
+        answer = c["conversations"][-1]["content"]
+        upper, lower = answer.upper(), answer.lower()
+        chosen, rejected = (upper, lower) if case == "upper" else (lower, upper)
+        rows.append({"prompt": prompt, "chosen": chosen, "rejected": rejected, "task": c["task"], "case": case})
+    return rows
+
+
+PAIR_KINDS = {"correct": to_pairs, "style": to_style_pairs}
+
+
 def make_preference_splits(n_train: int, n_val: int, seed: int = 0, tasks: Sequence[str] = TASKS,
-                           system: bool = True) -> tuple[list[dict], list[dict]]:
-    """Train and held-out preference rows (held-out phrasings, as make_splits)."""
+                           system: bool = True, kind: str = "correct") -> tuple[list[dict], list[dict]]:
+    """Train and held-out preference rows of `kind` ("correct" or "style"; held-out phrasings)."""
+    if kind not in PAIR_KINDS:
+        raise ValueError(f"unknown preference kind {kind!r}; use one of {sorted(PAIR_KINDS)}")
+    if kind == "style":
+        tasks = [t for t in tasks if t in LETTER_TASKS] or list(LETTER_TASKS)
     train, val = make_splits(n_train, n_val, seed, tasks, system)
-    return to_pairs(train, seed, system), to_pairs(val, seed + 1, system)
+    return PAIR_KINDS[kind](train, seed, system), PAIR_KINDS[kind](val, seed + 1, system)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -65,9 +99,10 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--val", type=int, default=200)
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--tasks", default=",".join(TASKS))
+    p.add_argument("--kind", default="correct", choices=sorted(PAIR_KINDS))
     args = p.parse_args(argv)
     tasks = [t.strip() for t in args.tasks.split(",") if t.strip()]
-    train, val = make_preference_splits(args.train, args.val, args.seed, tasks)
+    train, val = make_preference_splits(args.train, args.val, args.seed, tasks, kind=args.kind)
     out = Path(args.out)
     write_jsonl(out / "train.jsonl", train)
     write_jsonl(out / "val.jsonl", val)
