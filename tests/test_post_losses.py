@@ -91,3 +91,60 @@ def test_grpo_loss_matches_the_written_out_clipped_objective_with_k3_kl():
     lp = logps.clone().requires_grad_()
     grpo_loss(lp, lp.detach(), adv, mask)[0].backward()
     torch.testing.assert_close(lp.grad, -(adv[:, None].double() * mask) / mask.sum())
+
+
+def _tiny_policy():
+    from diyllm.model import DIYConfig, DIYForCausalLM
+
+    torch.manual_seed(0)
+    return DIYForCausalLM(DIYConfig(vocab_size=31, context_length=12, d_model=32, num_layers=1, num_heads=2))
+
+
+@pytest.mark.parametrize("lora", [False, True])
+def test_dpo_objective_starts_at_log2_and_sends_gradients_only_into_the_policy(lora):
+    import copy
+
+    from diyllm.data.preference import PairBatch
+    from diyllm.model.lora import apply_lora
+    from diyllm.training.finetune import Reference
+    from diyllm.training.post_objectives import DPOObjective
+
+    policy = _tiny_policy()
+    if lora:
+        apply_lora(policy, rank=2)
+        ref = Reference(policy, None)  # adapters disabled = the base
+    else:
+        ref = Reference(policy, copy.deepcopy(policy))
+    x = torch.randint(0, 31, (4, 12))
+    y = torch.roll(x, -1, 1)
+    mask = torch.zeros(4, 12)
+    mask[:, 6:] = 1
+    loss, metrics = DPOObjective(ref, beta=0.5)(policy, PairBatch(x, y, mask))
+    assert loss.item() == pytest.approx(math.log(2), abs=1e-6)
+    loss.backward()
+    grads = {n for n, p in policy.named_parameters() if p.grad is not None and p.grad.abs().sum() > 0}
+    assert grads and (not lora or all(".lora_" in n for n in grads))
+    if not lora:
+        assert all(p.grad is None for p in ref.copy.parameters())
+        assert not any(p.requires_grad for p in ref.copy.parameters())
+
+
+def test_distill_objective_mixes_kl_and_hard_loss():
+    from diyllm.training.loss import cross_entropy
+    from diyllm.training.post_objectives import DistillObjective
+
+    student, teacher = _tiny_policy(), _tiny_policy()
+    torch.manual_seed(1)
+    with torch.no_grad():
+        for p in teacher.parameters():
+            p.add_(torch.randn_like(p) * 0.1)
+    x = torch.randint(0, 31, (3, 12))
+    y = torch.roll(x, -1, 1)
+    y[:, -1] = -100
+    loss, metrics = DistillObjective(teacher, alpha=0.3, temperature=2.0)(student, (x, y, None))
+    s, t = student(x).logits[:, :-1], teacher(x).logits[:, :-1]
+    p = torch.softmax(t / 2, -1)
+    kl = (p * (p.log() - torch.log_softmax(s / 2, -1))).sum(-1).mean() * 4
+    ce = cross_entropy(student(x).logits, y)
+    assert loss.item() == pytest.approx((0.3 * kl + 0.7 * ce).item(), rel=1e-5)
+    assert metrics["kl"].item() == pytest.approx(kl.item(), rel=1e-5)
