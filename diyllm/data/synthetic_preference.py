@@ -3,6 +3,7 @@
 * "correct": the correct answer is chosen, a plausible wrong one (a neighbouring sum, another capital,
   a misspelling, an off-by-one count) is rejected. What a real preference set teaches, but a tiny model
   mostly memorises it: held-out accuracy moves little unless the model already knows the facts.
+* "format": the bare answer is chosen over the same answer in a sentence ("The answer is 8.").
 * "style": the question asks for the answer in upper or in lower case (half each); the reply in the
   asked case is chosen, the other one rejected. An untrained model prefers either side equally often
   (the two instructions cancel any bias), and the rule generalises to unseen questions, so held-out
@@ -78,7 +79,35 @@ def to_style_pairs(conversations: Sequence[dict], seed: int = 0, system: bool = 
     return rows
 
 
-PAIR_KINDS = {"correct": to_pairs, "style": to_style_pairs}
+VERBOSE = "The answer is {}."
+
+
+def to_format_pairs(conversations: Sequence[dict], seed: int = 0, system: bool = True) -> list[dict]:
+    """Bare answer chosen over the same answer in a sentence ("The answer is 8."): the format the
+    exact-match graders want, for SFT data that mixed both (see `verbose_answers`)."""
+    rows = []
+    for c in conversations:
+        prompt = [m for m in c["conversations"][:-1] if system or m["role"] != "system"]
+        answer = c["conversations"][-1]["content"]
+        bare = answer[len("The answer is "):-1] if answer.startswith("The answer is ") else answer
+        rows.append({"prompt": prompt, "chosen": bare, "rejected": VERBOSE.format(bare), "task": c["task"]})
+    return rows
+
+
+def verbose_answers(conversations: Sequence[dict], fraction: float, seed: int = 0) -> list[dict]:
+    """Copies of SFT conversations where `fraction` of the answers are wrapped as VERBOSE: demonstration
+    data with an inconsistent format, which the post-training experiment then repairs."""
+    rng = random.Random(seed)
+    out = []
+    for c in conversations:
+        c = {**c, "conversations": [dict(m) for m in c["conversations"]]}
+        if rng.random() < fraction:
+            c["conversations"][-1]["content"] = VERBOSE.format(c["conversations"][-1]["content"])
+        out.append(c)
+    return out
+
+
+PAIR_KINDS = {"correct": to_pairs, "style": to_style_pairs, "format": to_format_pairs}
 
 
 def make_preference_splits(n_train: int, n_val: int, seed: int = 0, tasks: Sequence[str] = TASKS,
