@@ -34,10 +34,10 @@ def test_dpo_loss_is_the_closed_form_and_log2_when_policy_equals_reference():
     margins = [beta * ((-3.0 + 3.5) - (-4.0 + 3.0)), beta * ((-5.0 + 4.0) - (-2.0 + 3.0))]  # 0.75, -1.0
     want = sum(math.log(1 + math.exp(-h)) for h in margins) / 2
     assert loss.item() == pytest.approx(want, rel=1e-6)
-    assert metrics["reward_margin"].item() == pytest.approx(sum(margins) / 2)
-    assert metrics["preference_accuracy"].item() == 0.5
+    assert metrics["margin"].item() == pytest.approx(sum(margins) / 2)
+    assert metrics["pref_acc"].item() == 0.5
     same, m0 = dpo_loss(pc, pr, pc, pr, beta=0.1)
-    assert same.item() == pytest.approx(math.log(2), rel=1e-6) and m0["reward_margin"] == 0
+    assert same.item() == pytest.approx(math.log(2), rel=1e-6) and m0["margin"] == 0
     eps = 0.2
     smooth, _ = dpo_loss(pc, pr, rc, rr, beta=beta, label_smoothing=eps)
     want_s = sum((1 - eps) * math.log(1 + math.exp(-h)) + eps * math.log(1 + math.exp(h)) for h in margins) / 2

@@ -129,14 +129,14 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--tasks", default=",".join(TASKS))
     p.add_argument("--kind", default="correct", choices=sorted(PAIR_KINDS))
+    p.add_argument("--system", action="store_true", help=f"start each prompt with the system prompt {SYSTEM_PROMPT!r}")
     args = p.parse_args(argv)
     tasks = [t.strip() for t in args.tasks.split(",") if t.strip()]
-    train, val = make_preference_splits(args.train, args.val, args.seed, tasks, kind=args.kind)
+    train, val = make_preference_splits(args.train, args.val, args.seed, tasks, args.system, kind=args.kind)
     out = Path(args.out)
     write_jsonl(out / "train.jsonl", train)
     write_jsonl(out / "val.jsonl", val)
-    print(f"wrote {len(train)} train / {len(val)} val preference pairs to {out} "
-          f"(system prompt: {SYSTEM_PROMPT!r})")
+    print(f"wrote {len(train)} train / {len(val)} val {args.kind} preference pairs to {out}")
     return 0
 
 

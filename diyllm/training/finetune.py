@@ -118,3 +118,70 @@ def _base_copy(model: nn.Module) -> nn.Module:
     with adapters_disabled(clone):
         merge_lora(clone)  # disabled adapters merge as zero: the base weights
     return clone
+
+
+# ---- plugging a prepared run into the training loop ----------------------------------------------------
+
+SHAPE_KEYS = ("vocab_size", "context_length", "d_model", "num_layers", "num_heads", "num_kv_heads", "d_ff",
+              "rope_theta", "norm_eps", "tie_embeddings", "init_std")
+
+
+def start_spec(cfg: Any) -> str:
+    """The checkpoint the run starts from; for init_from=resume, the one the resumed run started from."""
+    if cfg.init_from != "resume":
+        return cfg.init_from
+    from pathlib import Path
+
+    from diyllm.training.checkpoint import read_checkpoint
+
+    path = Path(cfg.out_dir) / "latest.pt"
+    if not path.exists():
+        raise UserError(f"init_from=resume but {path} does not exist; nothing to resume")
+    start = read_checkpoint(path).get("post_training", {}).get("start")
+    if not start:
+        raise UserError(f"{path} was not written by a post-training command (no 'post_training' entry); "
+                        "resume it with the command that wrote it")
+    return start
+
+
+def trainer_cfg(cfg: Any, model: nn.Module) -> Any:
+    """cfg with the model's shape (the weights exist already) and init_from = scratch (the loop gets the
+    model itself) or resume."""
+    import dataclasses
+
+    keys = {k: getattr(model.config, k) for k in SHAPE_KEYS}
+    return dataclasses.replace(cfg, **keys, init_from="resume" if cfg.init_from == "resume" else "scratch")
+
+
+class PostTrainingCheckpointer:
+    """What a post-training run adds to its checkpoints: where it started (for resume) and, with LoRA,
+    only the adapters plus the base reference instead of the whole model."""
+
+    def __init__(self, method: str, start: str, setup: PolicySetup | None):
+        self.method, self.start, self.setup = method, start, setup
+
+    def entries(self, model: nn.Module) -> dict[str, Any]:
+        from diyllm.training.lora_checkpoint import adapter_entries
+
+        out: dict[str, Any] = {"post_training": {"method": self.method, "start": self.start}}
+        if self.setup is not None and self.setup.base_ref is not None:
+            out.update(adapter_entries(model, self.setup.base_ref))
+        return out
+
+    def load_model_state(self, model: nn.Module, ckpt: dict[str, Any], where: str) -> None:
+        if "lora" not in ckpt:
+            model.load_state_dict(ckpt["model"])
+            return
+        _, unexpected = model.load_state_dict(ckpt["model"], strict=False)
+        if unexpected:
+            raise UserError(f"{where}: adapters do not fit this model (unexpected {sorted(unexpected)[:4]})")
+
+
+def train_post(prep: dict[str, Any]):
+    """Run the shared training loop on a prepared post-training run (prepare_dpo / prepare_rl / ...)."""
+    from diyllm.training.trainer import train
+
+    method = getattr(prep["objective"], "name", "post")
+    checkpointer = PostTrainingCheckpointer(method, prep.get("start", ""), prep.get("setup"))
+    return train(prep["cfg"], source=prep["source"], model=prep["model"], objective=prep["objective"],
+                 checkpointer=checkpointer)

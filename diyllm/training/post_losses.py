@@ -45,8 +45,8 @@ def dpo_loss(policy_chosen: torch.Tensor, policy_rejected: torch.Tensor, ref_cho
     h = chosen_reward - rejected_reward
     losses = -(1.0 - label_smoothing) * F.logsigmoid(h) - label_smoothing * F.logsigmoid(-h)
     metrics = {
-        "reward_margin": h.detach().mean(),
-        "preference_accuracy": (h.detach() > 0).float().mean(),
+        "margin": h.detach().mean(),
+        "pref_acc": (h.detach() > 0).float().mean(),
         "chosen_reward": chosen_reward.detach().mean(),
         "rejected_reward": rejected_reward.detach().mean(),
         "chosen_logp": policy_chosen.detach().mean(),

@@ -33,6 +33,10 @@ class DPOObjective:
     def __init__(self, reference: Reference, beta: float = 0.1, label_smoothing: float = 0.0):
         self.reference, self.beta, self.label_smoothing = reference, float(beta), float(label_smoothing)
 
+    def to(self, device) -> DPOObjective:
+        self.reference.to(device)
+        return self
+
     def __call__(self, model: nn.Module, batch: Any) -> tuple[torch.Tensor, Metrics]:
         B = batch.x.shape[0] // 2
         logps = sequence_logps(model(batch.x).logits, batch.y, batch.mask)
@@ -49,6 +53,10 @@ class DistillObjective:
     def __init__(self, teacher: nn.Module, alpha: float = 0.5, temperature: float = 2.0):
         self.teacher = teacher.eval().requires_grad_(False)
         self.alpha, self.temperature = float(alpha), float(temperature)
+
+    def to(self, device) -> DistillObjective:
+        self.teacher.to(device)
+        return self
 
     def __call__(self, model: nn.Module, batch: Any) -> tuple[torch.Tensor, Metrics]:
         x, y, mask = batch
@@ -70,6 +78,11 @@ class GRPOObjective:
     def __init__(self, reference: Reference | None, clip_eps: float = 0.2, kl_coef: float = 0.0):
         self.reference, self.clip_eps, self.kl_coef = reference, float(clip_eps), float(kl_coef)
 
+    def to(self, device) -> GRPOObjective:
+        if self.reference is not None:
+            self.reference.to(device)
+        return self
+
     def __call__(self, model: nn.Module, batch: Any) -> tuple[torch.Tensor, Metrics]:
         logps = token_logps(model(batch.x).logits, batch.y)
         ref = token_logps(self.reference.logits(batch.x), batch.y) if self.reference is not None else None
@@ -79,3 +92,10 @@ class GRPOObjective:
         metrics["reward"] = batch.rewards.float().mean()
         metrics["length"] = batch.lengths.float().mean()
         return loss, metrics
+
+    @torch.no_grad()
+    def evaluate(self, model: nn.Module, batch: Any) -> tuple[torch.Tensor, Metrics]:
+        """On held-out prompts (greedy, one completion each): val_loss = 1 − pass@1, so lower is better
+        as for every other run and best.pt keeps the best policy."""
+        reward = batch.rewards.float().mean()
+        return 1.0 - reward, {"pass@1": reward, "length": batch.lengths.float().mean()}

@@ -32,15 +32,29 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def task_prompts(task: str, n_train: int, n_val: int, seed: int) -> tuple[list[dict], list[dict]]:
-    """Synthetic prompt conversations for `task` (train and held-out phrasings, diyllm.data.synthetic)."""
-    from diyllm.data.synthetic import TASKS, make_splits
+    """Synthetic prompt conversations for `task`: held-out prompts are questions (any phrasing) that the
+    RL prompts never contain, so val_pass@1 measures prompts RL did not train on."""
+    import random
+
+    from diyllm.data.synthetic import TASKS, generate_conversations
     from diyllm.errors import UserError
 
     tasks = TASK_ALIASES.get(task) or (TASKS if task == "all" else tuple(t.strip() for t in task.split(",")))
     unknown = [t for t in tasks if t not in TASKS]
     if unknown:
         raise UserError(f"--task={task}: unknown task {unknown[0]!r}; use arithmetic, all or some of {TASKS}")
-    return make_splits(n_train, n_val, seed, tasks, system=False)
+    pool = generate_conversations(n_train + 20 * n_val, seed, tasks, system=False)
+    questions = sorted({c["conversations"][-2]["content"] for c in pool})
+    random.Random(seed).shuffle(questions)
+    held_out = set(questions[: min(n_val, len(questions) // 4)])
+    train = [c for c in pool if c["conversations"][-2]["content"] not in held_out][:n_train]
+    val, seen = [], set()
+    for c in pool:
+        q = c["conversations"][-2]["content"]
+        if q in held_out and q not in seen:
+            seen.add(q)
+            val.append(c)
+    return train, val
 
 
 def file_prompts(cfg: Any, data: str) -> tuple[list[dict], list[dict]]:

@@ -79,14 +79,15 @@ class TrainResult:
     skipped_steps: int = 0  # optimizer steps skipped for a non-finite loss/gradient
 
 
-def train(cfg: TrainConfig, source: BatchSource | None = None, model: nn.Module | None = None) -> TrainResult:
+def train(cfg: TrainConfig, source: BatchSource | None = None, model: nn.Module | None = None,
+          objective: Any = None, checkpointer: Any = None) -> TrainResult:
     """Run (or resume) training as `cfg` says; return a summary. Files go to cfg.out_dir.
 
     source: where batches come from (default: make_source(cfg), chosen by cfg.data_format).
     model: a ready model to train (default: a DIYForCausalLM built from cfg's shape fields, or from the
     checkpoint's shape when init_from is a path). With init_from=PATH its weights are loaded into `model`.
     """
-    return Trainer(cfg, source, model).run()
+    return Trainer(cfg, source, model, objective, checkpointer).run()
 
 
 # ---- small pure helpers -----------------------------------------------------------------------------
@@ -217,10 +218,13 @@ class StopSignal:
 
 
 class Trainer:
-    def __init__(self, cfg: TrainConfig, source: BatchSource | None = None, model: nn.Module | None = None):
+    def __init__(self, cfg: TrainConfig, source: BatchSource | None = None, model: nn.Module | None = None,
+                 objective: Any = None, checkpointer: Any = None):
         self.cfg = cfg.validate()
         self.source = source
         self.given_model = model
+        self.objective, self.checkpointer = objective, checkpointer  # TEMP (issue 16) until the i12 seams
+        self.metric_sums: dict[str, Any] = {}
         self.bar = None
 
     # -- output helpers --
@@ -328,8 +332,13 @@ class Trainer:
         for ckpt, path in ((self.resume_ckpt, "latest.pt"), (init_ckpt, cfg.init_from)):
             if ckpt is not None:
                 self._check_compatible(ckpt, str(path))
-                unwrap_model(self.model).load_state_dict(ckpt["model"])
+                if self.checkpointer is not None:
+                    self.checkpointer.load_model_state(unwrap_model(self.model), ckpt, str(path))
+                else:
+                    unwrap_model(self.model).load_state_dict(ckpt["model"])
         self.model.to(self.device)
+        if self.objective is not None and hasattr(self.objective, "to"):
+            self.objective.to(self.device)
         self.num_params = sum(p.numel() for p in unwrap_model(self.model).parameters())
         if dist.rank:
             torch.manual_seed(cfg.seed + dist.rank)  # but different dropout masks per rank
@@ -465,11 +474,16 @@ class Trainer:
             self.train_model = module
 
     # -- one optimizer step --
-    def _micro_step(self, x: torch.Tensor, y: torch.Tensor, mask: torch.Tensor | None, sync: bool) -> torch.Tensor:
+    def _micro_step(self, x: Any, y: torch.Tensor | None, mask: torch.Tensor | None, sync: bool) -> torch.Tensor:
         no_sync = self.train_model.no_sync() if (self.dist.enabled and not sync) else contextlib.nullcontext()
         with no_sync:
             with autocast_context(self.device, self.dtype):
-                loss = self.train_model(x, targets=y, loss_mask=mask).loss
+                if self.objective is not None:  # x is the whole batch
+                    loss, metrics = self.objective(self.train_model, x)
+                    for k, v in metrics.items():
+                        self.metric_sums[k] = self.metric_sums.get(k, 0.0) + v.detach().float() / self.accum
+                else:
+                    loss = self.train_model(x, targets=y, loss_mask=mask).loss
             scaled = loss / self.accum
             (self.scaler.scale(scaled) if self.scaler is not None else scaled).backward()
         return loss.detach()
@@ -480,7 +494,8 @@ class Trainer:
         cfg = self.cfg
         loss_sum = None
         for micro in range(self.accum):
-            x, y, mask = self.source.get_batch("train", cfg.batch_size, self.device)
+            batch = self.source.get_batch("train", cfg.batch_size, self.device)
+            x, y, mask = (batch, None, None) if self.objective is not None else batch
             sync = micro == self.accum - 1
             if self.compile_pending:
                 try:
@@ -544,15 +559,24 @@ class Trainer:
         for split in ("train", "val"):
             losses = torch.zeros(self.cfg.eval_iters, device=self.device)
             for k in range(self.cfg.eval_iters):
-                x, y, mask = self.source.get_batch(split, self.cfg.batch_size, self.device)
+                batch = self.source.get_batch(split, self.cfg.batch_size, self.device)
                 with autocast_context(self.device, self.dtype):
-                    losses[k] = model(x, targets=y, loss_mask=mask).loss.float()
+                    if self.objective is not None:
+                        loss, metrics = (self.objective.evaluate(model, batch) if hasattr(self.objective, "evaluate")
+                                         else self.objective(model, batch))
+                        losses[k] = loss.float()
+                        for key, v in metrics.items():
+                            out[f"{split}_{key}"] = out.get(f"{split}_{key}", 0.0) + float(v) / self.cfg.eval_iters
+                    else:
+                        x, y, mask = batch
+                        losses[k] = model(x, targets=y, loss_mask=mask).loss.float()
             if split == "train":
                 self.source.load_state_dict(snapshot)
             out[split] = all_reduce_mean(losses.mean(), self.dist).item()
         model.train(was_training)
         bpb = out["val"] / math.log(2) / self.bytes_per_token if self.bytes_per_token else None
-        return {"train_loss": out["train"], "val_loss": out["val"], "val_bpb": bpb}
+        extra = {k: v for k, v in out.items() if k not in ("train", "val")}
+        return {"train_loss": out["train"], "val_loss": out["val"], "val_bpb": bpb, **extra}
 
     # -- checkpoints --
     def _checkpoint_state(self) -> dict[str, Any]:
@@ -577,6 +601,10 @@ class Trainer:
 
     def save(self, name: str) -> None:
         extra = self._checkpoint_state()
+        if self.checkpointer is not None:
+            extra.update(self.checkpointer.entries(unwrap_model(self.model)))
+            if "model" in extra:
+                extra["model_state"] = extra.pop("model")
         if self.dist.is_main:
             save_checkpoint(self.model, self.optimizer, self.step, self.out_dir / name, **extra)
 
@@ -661,7 +689,8 @@ class Trainer:
         self.last_eval = metrics
         self.metrics.log({"event": "eval", "iter": step, "tokens": self.tokens_seen, "time": self.elapsed(),
                           **metrics})
-        self.log(format_eval_line({"iter": step, **metrics}))
+        self.log(format_eval_line({"iter": step, **metrics}) + "".join(  # TEMP (issue 16): objective metrics
+            f" | {k} {v:.4g}" for k, v in metrics.items() if k.startswith("val_") and k != "val_bpb" and k != "val_loss"))
         if metrics["val_loss"] < self.best_val_loss:
             self.best_val_loss = metrics["val_loss"]
             self.evals_since_best = 0
@@ -679,11 +708,17 @@ class Trainer:
         tok_s = self.tokens_per_iter * window_steps / window_time if window_time > 0 else 0.0
         rec = {"event": "train", "iter": self.step, "tokens": self.tokens_seen, "time": self.elapsed(),
                "loss": loss, "lr": self.optimizer.param_groups[0]["lr"], "grad_norm": norm,
-               "ms_per_iter": ms, "tokens_per_sec": tok_s}
+               "ms_per_iter": ms, "tokens_per_sec": tok_s,
+               **{k: float(v) / max(window_steps, 1) for k, v in self.metric_sums.items()}}
+        self.metric_sums = {}
         if self.peak and self.flops_per_token:
             rec["mfu"] = self.flops_per_token * tok_s / (self.peak * self.dist.world_size)
         self.metrics.log(rec)
-        self.log(format_train_line(rec, self.cfg.max_iters))
+        line = format_train_line(rec, self.cfg.max_iters)
+        if self.objective is not None:  # TEMP (issue 16): the objective's own metrics
+            line += "".join(f" | {k} {rec[k]:.4g}" for k in rec if k not in ("event", "iter", "tokens", "time", "loss",
+                            "lr", "grad_norm", "ms_per_iter", "tokens_per_sec", "mfu"))
+        self.log(line)
 
     def _print_header(self, start_step: int) -> None:
         cfg = self.cfg
