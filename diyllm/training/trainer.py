@@ -690,7 +690,7 @@ class Trainer:
         self.metrics.log({"event": "eval", "iter": step, "tokens": self.tokens_seen, "time": self.elapsed(),
                           **metrics})
         self.log(format_eval_line({"iter": step, **metrics}) + "".join(  # TEMP (issue 16): objective metrics
-            f" | {k} {v:.4g}" for k, v in metrics.items() if k.startswith("val_") and k != "val_bpb" and k != "val_loss"))
+            f" | {k} {v:.4g}" for k, v in metrics.items() if k.startswith("val_") and k not in ("val_bpb", "val_loss")))
         if metrics["val_loss"] < self.best_val_loss:
             self.best_val_loss = metrics["val_loss"]
             self.evals_since_best = 0
