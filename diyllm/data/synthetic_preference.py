@@ -3,7 +3,7 @@
 * "correct": the correct answer is chosen, a plausible wrong one (a neighbouring sum, another capital,
   a misspelling, an off-by-one count) is rejected. What a real preference set teaches, but a tiny model
   mostly memorises it: held-out accuracy moves little unless the model already knows the facts.
-* "format": the bare answer is chosen over the same answer in a sentence ("The answer is 8.").
+* "format": the bare answer is chosen over the same answer with a hedge ("8, I think.").
 * "style": the question asks for the answer in upper or in lower case (half each); the reply in the
   asked case is chosen, the other one rejected. An untrained model prefers either side equally often
   (the two instructions cancel any bias), and the rule generalises to unseen questions, so held-out
@@ -79,17 +79,18 @@ def to_style_pairs(conversations: Sequence[dict], seed: int = 0, system: bool = 
     return rows
 
 
-VERBOSE = "The answer is {}."
+VERBOSE = "{}, I think."  # the answer first (retrieval as in pretraining), then a hedge
 
 
 def to_format_pairs(conversations: Sequence[dict], seed: int = 0, system: bool = True) -> list[dict]:
-    """Bare answer chosen over the same answer in a sentence ("The answer is 8."): the format the
+    """Bare answer chosen over the same answer with a hedge ("8, I think."): the format the
     exact-match graders want, for SFT data that mixed both (see `verbose_answers`)."""
     rows = []
     for c in conversations:
         prompt = [m for m in c["conversations"][:-1] if system or m["role"] != "system"]
         answer = c["conversations"][-1]["content"]
-        bare = answer[len("The answer is "):-1] if answer.startswith("The answer is ") else answer
+        suffix = VERBOSE.format("")
+        bare = answer[: -len(suffix)] if answer.endswith(suffix) else answer
         rows.append({"prompt": prompt, "chosen": bare, "rejected": VERBOSE.format(bare), "task": c["task"]})
     return rows
 

@@ -2,11 +2,12 @@
 
 What each post-training stage adds, measured on held-out data after every stage:
  1. Pretrain a tiny byte-level model on plain sentences stating the synthetic facts.
- 2. SFT on chat conversations whose answers are inconsistent: most say "The answer is X." and the rest
-    just "X" (demonstration data is often like that). The model learns the chat format, and mostly the
-    sentence form, so exact match (which wants the bare answer) stays low.
- 3. DPO with LoRA adapters (base frozen) on "style" preference pairs (answer in the case the question
-    asks for): held-out preference accuracy goes from ~50% to ~100% with a few thousand trained values.
+ 2. SFT on chat conversations whose answers are inconsistent: half say "X, I think." and the rest just
+    "X" (demonstration data is often like that). The model learns the chat format and the facts, but
+    often hedges, so exact match (which wants the bare answer) stays low.
+ 3. DPO with LoRA adapters (base frozen) on "format" preference pairs (the bare answer chosen over the
+    hedged one): held-out preference accuracy goes to ~100% with a few thousand trained values, and
+    since chosen and rejected share the answer, only the stopping changes: exact match rises.
  4. RL (GRPO) with the exact-match reward on prompts the held-out set never contains: the policy is
     rewarded whenever a sampled answer is bare and right, so held-out exact match rises.
 
@@ -24,9 +25,9 @@ from typing import Any
 
 def settings(quick: bool) -> dict[str, Any]:
     base = dict(d_model=64, num_layers=2, num_heads=4, context_length=96, batch_size=16, pretrain_docs=500,
-                pretrain_iters=150, pretrain_lr=3e-3, sft_train=600, sft_iters=150, sft_lr=2e-3, verbose=0.7,
+                pretrain_iters=150, pretrain_lr=3e-3, sft_train=600, sft_iters=150, sft_lr=2e-3, verbose=0.5,
                 tasks=("capital", "add", "reverse"), pref_train=600, pref_val=60, dpo_iters=50, dpo_lr=2e-3,
-                lora_rank=8, rl_tasks="capital,add", rl_prompts=1500, rl_val=40, rl_iters=50, rl_lr=3e-4,
+                lora_rank=8, rl_tasks="capital", rl_prompts=1500, rl_val=40, rl_iters=60, rl_lr=5e-4,
                 rl_group=8, rl_batch=8)
     if quick:
         return base
@@ -40,7 +41,7 @@ def write_data(out: Path, s: dict, seed: int) -> dict[str, Path]:
 
     train, val = make_splits(s["sft_train"], max(20, s["sft_train"] // 10), seed, s["tasks"], system=False)
     prefs_train, prefs_val = make_preference_splits(s["pref_train"], s["pref_val"], seed, s["tasks"], system=False,
-                                                    kind="style")
+                                                    kind="format")
     paths = {k: out / f"{k}.jsonl" for k in ("pretrain", "sft_train", "sft_val", "prefs_train", "prefs_val")}
     write_jsonl(paths["pretrain"], [{"text": t} for t in plain_text_corpus(s["pretrain_docs"], seed, s["tasks"])])
     write_jsonl(paths["sft_train"], verbose_answers(train, s["verbose"], seed))
@@ -119,7 +120,7 @@ def _run(out: Path, s: dict, device: str, seed: int, show: int, log) -> dict[str
     train(pre)
     record("pretrained", out / "pretrain" / "best.pt")
 
-    log(f"[2/4] SFT on {s['sft_train']} conversations, {s['verbose']:.0%} of them answering in a sentence")
+    log(f"[2/4] SFT on {s['sft_train']} conversations, {s['verbose']:.0%} of them hedging their answer")
     sft = TrainConfig(data_dir=str(paths["sft_train"]), val_data=str(paths["sft_val"]), out_dir=str(out / "sft"),
                       init_from=str(out / "pretrain" / "best.pt"), max_iters=s["sft_iters"], learning_rate=s["sft_lr"],
                       min_lr=s["sft_lr"] / 10, eval_interval=s["sft_iters"], log_interval=max(1, s["sft_iters"] // 3),
@@ -128,7 +129,7 @@ def _run(out: Path, s: dict, device: str, seed: int, show: int, log) -> dict[str
     train(cfg, source=source, model=model)
     record("SFT", out / "sft" / "best.pt")
 
-    log(f"[3/4] DPO with LoRA rank {s['lora_rank']} on {s['pref_train']} style pairs ({s['dpo_iters']} iterations)")
+    log(f"[3/4] DPO with LoRA rank {s['lora_rank']} on {s['pref_train']} format pairs ({s['dpo_iters']} iterations)")
     dpo = TrainConfig(data_dir=str(paths["prefs_train"]), val_data=str(paths["prefs_val"]), out_dir=str(out / "dpo"),
                       init_from=str(out / "sft" / "best.pt"), max_iters=s["dpo_iters"], learning_rate=s["dpo_lr"],
                       min_lr=s["dpo_lr"], eval_interval=s["dpo_iters"], log_interval=max(1, s["dpo_iters"] // 3),
@@ -142,7 +143,7 @@ def _run(out: Path, s: dict, device: str, seed: int, show: int, log) -> dict[str
                      learning_rate=s["rl_lr"], min_lr=s["rl_lr"], eval_interval=s["rl_iters"],
                      log_interval=max(1, s["rl_iters"] // 5), rl_group_size=s["rl_group"], rl_max_new_tokens=16,
                      **{**common, "batch_size": s["rl_batch"], "warmup_iters": 0}).validate()
-    train_post(prepare_rl(rl, task=s["rl_tasks"], n_prompts=s["rl_prompts"]))
+    train_post(prepare_rl(rl, task=s["rl_tasks"], n_prompts=s["rl_prompts"], n_val=s["rl_val"]))
     record("RL (GRPO)", out / "rl" / "latest.pt")
 
     report = {
@@ -158,7 +159,7 @@ def _run(out: Path, s: dict, device: str, seed: int, show: int, log) -> dict[str
 
 
 def print_report(r: dict[str, Any], out: Path) -> None:
-    print(f"\nafter each stage ({r['held_out_prompts']} held-out RL prompts; held-out style preference pairs):")
+    print(f"\nafter each stage ({r['held_out_prompts']} held-out RL prompts; held-out format preference pairs):")
     print(f"{'stage':<14}{'exact match':>12}{'pref. acc':>11}  note")
     for st in r["stages"]:
         print(f"{st['stage']:<14}{st['exact_match']:>12.1%}{st['preference_accuracy']:>11.1%}  {st['note']}")

@@ -181,7 +181,7 @@ def train_post(prep: dict[str, Any]):
     """Run the shared training loop on a prepared post-training run (prepare_dpo / prepare_rl / ...)."""
     from diyllm.training.trainer import train
 
-    method = getattr(prep["objective"], "name", "post")
+    method = getattr(prep["objective"], "name", "sft")
     checkpointer = PostTrainingCheckpointer(method, prep.get("start", ""), prep.get("setup"))
     return train(prep["cfg"], source=prep["source"], model=prep["model"], objective=prep["objective"],
                  checkpointer=checkpointer)

@@ -69,7 +69,7 @@ def file_prompts(cfg: Any, data: str) -> tuple[list[dict], list[dict]]:
 
 
 def prepare_rl(cfg: Any, task: str | None = None, data: str | None = None, reward: str = "exact_match",
-               n_prompts: int = 2000) -> dict[str, Any]:
+               n_prompts: int = 2000, n_val: int = 0) -> dict[str, Any]:
     """Everything `train` needs for an RL run: cfg, rollout source, model, objective."""
     from diyllm.errors import UserError
     from diyllm.training.finetune import prepare_policy, start_spec, trainer_cfg
@@ -83,7 +83,7 @@ def prepare_rl(cfg: Any, task: str | None = None, data: str | None = None, rewar
     spec = start_spec(cfg)
     model, tok, setup, reference = prepare_policy(cfg, spec, need_reference=True)
     cfg = trainer_cfg(cfg, model)
-    train, val = task_prompts(task, n_prompts, max(20, n_prompts // 10), cfg.seed) if task else file_prompts(cfg, data)
+    train, val = task_prompts(task, n_prompts, n_val or max(20, n_prompts // 10), cfg.seed) if task else file_prompts(cfg, data)
     source = RolloutSource(tok, train, val, reward_fn, cfg.rl_group_size, cfg.rl_max_new_tokens, cfg.rl_temperature,
                            cfg.seed, model.config.context_length)
     source.policy = model

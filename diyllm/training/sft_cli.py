@@ -99,6 +99,9 @@ def prepare_sft(cfg: Any) -> tuple[Any, Any, nn.Module | None]:
 
     path = cfg.init_from
     model, tok, _ = load_model(path)  # a .pt, a run folder, or hf:DIR
+    from diyllm.model.lora import merge_lora
+
+    merge_lora(model)  # an adapter checkpoint (base + LoRA) continues as one plain model
     if tok is None:
         raise UserError(f"{path} holds no tokenizer; SFT needs the pretraining tokenizer inside the checkpoint")
     if cfg.tokenizer_path:
@@ -118,6 +121,31 @@ def prepare_sft(cfg: Any) -> tuple[Any, Any, nn.Module | None]:
     return cfg, source, model
 
 
+def prepare_lora_sft(cfg: Any) -> dict[str, Any]:
+    """An SFT run with LoRA adapters (cfg.lora_rank > 0): the frozen base is the init_from checkpoint
+    (for init_from=resume: the one the run started from); checkpoints hold only the adapters."""
+    from diyllm.model.lora import apply_lora, merge_lora, trainable_fraction
+    from diyllm.training.checkpoint import load_model
+    from diyllm.training.finetune import PolicySetup, start_spec
+    from diyllm.training.lora_checkpoint import base_reference
+
+    resume = cfg.init_from == "resume"
+    spec = start_spec(cfg)
+    base, _, _ = load_model(spec)
+    base_ref = base_reference(spec, merge_lora(base))
+    cfg, source, model = prepare_sft(dataclasses.replace(cfg, init_from=spec))
+    targets = cfg.lora_targets
+    if source.added_tokens and "lm_head" not in targets:
+        targets = f"{targets},lm_head,embed"
+        print(f"LoRA: new tokens {source.added_tokens} were added, so lm_head and the embedding train in full too")
+    apply_lora(model, cfg.lora_rank, cfg.lora_alpha or None, cfg.lora_dropout, targets)
+    setup = PolicySetup(base_ref, source.added_tokens, *trainable_fraction(model))
+    print(setup.describe())
+    if resume:
+        cfg = dataclasses.replace(cfg, init_from="resume")
+    return {"cfg": cfg, "source": source, "model": model, "objective": None, "setup": setup, "start": spec}
+
+
 def run(args: argparse.Namespace) -> int:
     from diyllm.training.config import load_config
     from diyllm.training.distributed import finish_worker
@@ -127,6 +155,11 @@ def run(args: argparse.Namespace) -> int:
     if args.print_config:
         print(cfg.to_json())
         return 0
+    if cfg.lora_rank:
+        from diyllm.training.finetune import train_post
+
+        train_post(prepare_lora_sft(cfg))
+        return finish_worker(0)
     cfg, source, model = prepare_sft(cfg)
     train(cfg, source=source, model=model)
     return finish_worker(0)
