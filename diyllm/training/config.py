@@ -113,6 +113,8 @@ class TrainConfig:
     rl_kl_coef: float = 0.0  # weight of the KL penalty to the reference model
     distill_alpha: float = 0.5  # weight of the KL-to-teacher term; 1 - distill_alpha weighs the hard-label loss
     distill_temperature: float = 2.0  # softmax temperature of teacher and student in the KL term
+    # --- issue 12: reproducibility ---
+    deterministic: bool = False  # CUDA: torch.use_deterministic_algorithms + cuBLAS workspace (slower); CPU always is
 
     # ---------------------------------------------------------------------------------------------
     def validate(self) -> TrainConfig:
