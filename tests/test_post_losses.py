@@ -119,7 +119,8 @@ def test_dpo_objective_starts_at_log2_and_sends_gradients_only_into_the_policy(l
     y = torch.roll(x, -1, 1)
     mask = torch.zeros(4, 12)
     mask[:, 6:] = 1
-    loss, metrics = DPOObjective(ref, beta=0.5)(policy, PairBatch(x, y, mask))
+    out = DPOObjective(ref, beta=0.5)(policy, PairBatch(x, y, mask))
+    loss = out.loss
     assert loss.item() == pytest.approx(math.log(2), abs=1e-6)
     loss.backward()
     grads = {n for n, p in policy.named_parameters() if p.grad is not None and p.grad.abs().sum() > 0}
@@ -141,7 +142,8 @@ def test_distill_objective_mixes_kl_and_hard_loss():
     x = torch.randint(0, 31, (3, 12))
     y = torch.roll(x, -1, 1)
     y[:, -1] = -100
-    loss, metrics = DistillObjective(teacher, alpha=0.3, temperature=2.0)(student, (x, y, None))
+    out = DistillObjective(teacher, alpha=0.3, temperature=2.0)(student, (x, y, None))
+    loss, metrics = out.loss, out.metrics
     s, t = student(x).logits[:, :-1], teacher(x).logits[:, :-1]
     p = torch.softmax(t / 2, -1)
     kl = (p * (p.log() - torch.log_softmax(s / 2, -1))).sum(-1).mean() * 4

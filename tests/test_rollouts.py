@@ -43,8 +43,9 @@ def _source(seed=0, group=4):
     src = RolloutSource(tok, train, val, exact_match_reward, group_size=group, max_new_tokens=6, temperature=1.0,
                         seed=seed, context_length=64)
     torch.manual_seed(0)
-    src.policy = DIYForCausalLM(DIYConfig(vocab_size=tok.vocab_size, context_length=64, d_model=32, num_layers=1,
-                                          num_heads=2))
+    src.attach_model(DIYForCausalLM(DIYConfig(vocab_size=tok.vocab_size, context_length=64, d_model=32,
+                                              num_layers=1,
+                                              num_heads=2)))
     return src, tok
 
 

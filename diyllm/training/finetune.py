@@ -19,6 +19,7 @@ from torch import nn
 
 from diyllm.errors import UserError
 from diyllm.model.lora import adapters_disabled, apply_lora, trainable_fraction, trained_full_targets
+from diyllm.training.checkpointer import SingleFileCheckpointer
 
 
 class Reference:
@@ -153,28 +154,46 @@ def trainer_cfg(cfg: Any, model: nn.Module) -> Any:
     return dataclasses.replace(cfg, **keys, init_from="resume" if cfg.init_from == "resume" else "scratch")
 
 
-class PostTrainingCheckpointer:
-    """What a post-training run adds to its checkpoints: where it started (for resume) and, with LoRA,
-    only the adapters plus the base reference instead of the whole model."""
+class PostTrainingCheckpointer(SingleFileCheckpointer):
+    """Single-file checkpoints plus what post-training adds: where the run started (for resume) and,
+    with LoRA, only the adapters and the base reference instead of the whole model."""
 
-    def __init__(self, method: str, start: str, setup: PolicySetup | None):
+    def __init__(self, out_dir: str, method: str, start: str, setup: PolicySetup | None):
+        super().__init__(out_dir, current_dist())
         self.method, self.start, self.setup = method, start, setup
 
-    def entries(self, model: nn.Module) -> dict[str, Any]:
+    def save(self, name: str, model: nn.Module, optimizer: torch.optim.Optimizer, iteration: int,
+             **entries: Any) -> None:
+        from diyllm.training.checkpoint import unwrap_model
         from diyllm.training.lora_checkpoint import adapter_entries
 
-        out: dict[str, Any] = {"post_training": {"method": self.method, "start": self.start}}
+        entries["post_training"] = {"method": self.method, "start": self.start}
         if self.setup is not None and self.setup.base_ref is not None:
-            out.update(adapter_entries(model, self.setup.base_ref))
-        return out
+            lora = adapter_entries(unwrap_model(model), self.setup.base_ref)
+            entries["model_state"], entries["lora"] = lora["model"], lora["lora"]
+        super().save(name, model, optimizer, iteration, **entries)
 
-    def load_model_state(self, model: nn.Module, ckpt: dict[str, Any], where: str) -> None:
+    def restore(self, ckpt: dict[str, Any], model: nn.Module, optimizer: torch.optim.Optimizer | None) -> None:
+        from diyllm.training.checkpoint import unwrap_model
+
         if "lora" not in ckpt:
-            model.load_state_dict(ckpt["model"])
-            return
-        _, unexpected = model.load_state_dict(ckpt["model"], strict=False)
+            return super().restore(ckpt, model, optimizer)
+        _, unexpected = unwrap_model(model).load_state_dict(ckpt["model"], strict=False)
         if unexpected:
-            raise UserError(f"{where}: adapters do not fit this model (unexpected {sorted(unexpected)[:4]})")
+            raise UserError(f"{self.path('latest.pt')}: adapters do not fit this model "
+                            f"(unexpected {sorted(unexpected)[:4]})")
+        if optimizer is not None:
+            optimizer.load_state_dict(ckpt["optimizer"])
+
+
+def current_dist():
+    """DistInfo of this process (the loop joins the process group itself; under torchrun the env says)."""
+    import os
+
+    from diyllm.training.distributed import DistInfo
+
+    return DistInfo(rank=int(os.environ.get("RANK", 0)), local_rank=int(os.environ.get("LOCAL_RANK", 0)),
+                    world_size=int(os.environ.get("WORLD_SIZE", 1)))
 
 
 def train_post(prep: dict[str, Any]):
@@ -182,6 +201,6 @@ def train_post(prep: dict[str, Any]):
     from diyllm.training.trainer import train
 
     method = getattr(prep["objective"], "name", "sft")
-    checkpointer = PostTrainingCheckpointer(method, prep.get("start", ""), prep.get("setup"))
+    checkpointer = PostTrainingCheckpointer(prep["cfg"].out_dir, method, prep.get("start", ""), prep.get("setup"))
     return train(prep["cfg"], source=prep["source"], model=prep["model"], objective=prep["objective"],
                  checkpointer=checkpointer)

@@ -83,10 +83,12 @@ def prepare_rl(cfg: Any, task: str | None = None, data: str | None = None, rewar
     spec = start_spec(cfg)
     model, tok, setup, reference = prepare_policy(cfg, spec, need_reference=True)
     cfg = trainer_cfg(cfg, model)
-    train, val = task_prompts(task, n_prompts, n_val or max(20, n_prompts // 10), cfg.seed) if task else file_prompts(cfg, data)
+    if task:
+        train, val = task_prompts(task, n_prompts, n_val or max(20, n_prompts // 10), cfg.seed)
+    else:
+        train, val = file_prompts(cfg, data)
     source = RolloutSource(tok, train, val, reward_fn, cfg.rl_group_size, cfg.rl_max_new_tokens, cfg.rl_temperature,
                            cfg.seed, model.config.context_length)
-    source.policy = model
     print(f"RL from {spec}: {len(source.items['train'])} train / {len(source.items['val'])} held-out prompts, "
           f"{cfg.rl_group_size} completions each, reward {reward}; {setup.describe()}")
     objective = GRPOObjective(reference, cfg.rl_clip_eps, cfg.rl_kl_coef)

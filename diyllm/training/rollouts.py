@@ -41,7 +41,7 @@ class RolloutSource:
 
     prompts / val_prompts: dicts {"conversations": [... , last = reference answer], ...} as made by
     diyllm.data.synthetic; the prompt is every message but the last, the answer the last one's content.
-    `policy` must be set (the model being trained) before the first batch.
+    `policy` (the model being trained) is set by the loop through attach_model before the first batch.
     """
 
     def __init__(self, tokenizer: Any, prompts: Sequence[dict], val_prompts: Sequence[dict], reward: RewardFn,
@@ -84,6 +84,10 @@ class RolloutSource:
     def set_rank(self, rank: int, world_size: int) -> None:
         self.rank, self.world_size = int(rank), int(world_size)
 
+    def attach_model(self, model: nn.Module) -> None:
+        """The training loop hands over the policy it trains (the plain module) before the first step."""
+        self.policy = model
+
     def sample(self, model: nn.Module, prompt_ids: list[list[int]], temperature: float, seed: int | None
                ) -> tuple[list[list[int]], list[bool]]:
         """Completions and whether each one ended with <|im_end|> (kept at its end then)."""
@@ -94,7 +98,7 @@ class RolloutSource:
 
     def get_batch(self, split: str, batch_size: int, device) -> RolloutBatch:
         if self.policy is None:
-            raise RuntimeError("RolloutSource.policy is not set: give it the model being trained")
+            raise RuntimeError("RolloutSource has no policy: the training loop calls attach_model(model) first")
         take = self.order[split].take(batch_size * self.world_size)[self.rank :: self.world_size]
         items = [self.items[split][int(i)] for i in take]
         G = self.group_size if split == "train" else 1
