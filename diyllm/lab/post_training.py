@@ -26,8 +26,8 @@ from typing import Any
 def settings(quick: bool) -> dict[str, Any]:
     base = dict(d_model=64, num_layers=2, num_heads=4, context_length=96, batch_size=16, pretrain_docs=500,
                 pretrain_iters=150, pretrain_lr=3e-3, sft_train=600, sft_iters=150, sft_lr=2e-3, verbose=0.5,
-                tasks=("capital", "add", "reverse"), pref_train=600, pref_val=60, dpo_iters=50, dpo_lr=2e-3,
-                lora_rank=8, rl_tasks="capital", rl_prompts=1500, rl_val=40, rl_iters=60, rl_lr=5e-4,
+                tasks=("capital", "add", "reverse"), pref_train=600, pref_val=60, dpo_iters=30, dpo_lr=3e-4,
+                dpo_beta=2.0, lora_rank=8, rl_tasks="capital", rl_prompts=1500, rl_val=40, rl_iters=40, rl_lr=5e-4,
                 rl_group=8, rl_batch=8)
     if quick:
         return base
@@ -133,7 +133,8 @@ def _run(out: Path, s: dict, device: str, seed: int, show: int, log) -> dict[str
     dpo = TrainConfig(data_dir=str(paths["prefs_train"]), val_data=str(paths["prefs_val"]), out_dir=str(out / "dpo"),
                       init_from=str(out / "sft" / "best.pt"), max_iters=s["dpo_iters"], learning_rate=s["dpo_lr"],
                       min_lr=s["dpo_lr"], eval_interval=s["dpo_iters"], log_interval=max(1, s["dpo_iters"] // 3),
-                      lora_rank=s["lora_rank"], lora_alpha=2.0 * s["lora_rank"], **common).validate()
+                      lora_rank=s["lora_rank"], lora_alpha=2.0 * s["lora_rank"], dpo_beta=s["dpo_beta"],
+                      **{**common, "warmup_iters": 5}).validate()
     prep = prepare_dpo(dpo)
     train_post(prep)
     record("DPO (LoRA)", out / "dpo" / "latest.pt", prep["setup"].describe())

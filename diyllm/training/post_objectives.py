@@ -69,6 +69,11 @@ class DistillObjective(Objective):
         loss = self.alpha * kl + (1.0 - self.alpha) * ce
         return ObjectiveOutput(loss, {"kl": kl.detach(), "ce": ce.detach()})
 
+    def eval_loss(self, model: nn.Module, batch: Any) -> torch.Tensor:
+        """The student's own next-token loss, so val_loss compares with runs trained without a teacher."""
+        x, y, mask = batch
+        return cross_entropy(model(x).logits, y, loss_mask=mask)
+
 
 class GRPOObjective(Objective):
     """Token-level clipped policy gradient on rollouts, with an optional KL penalty to the reference."""
