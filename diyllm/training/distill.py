@@ -30,7 +30,7 @@ def load_teacher(spec: str, data_tokenizer: Any, device: str = "cpu"):
     from diyllm.errors import UserError
     from diyllm.model.lora import merge_lora
     from diyllm.training.checkpoint import load_model
-    from diyllm.training.trainer import tokenizer_differences
+    from diyllm.training.resume import tokenizer_differences
 
     teacher, tok, _ = load_model(spec, device=device)
     merge_lora(teacher)
