@@ -37,10 +37,13 @@ def save_checkpoint(
     optimizer: torch.optim.Optimizer | None,
     iteration: int,
     out: str | os.PathLike | BinaryIO | IO[bytes],
+    model_state: dict[str, Any] | None = None,
     **extra: Any,
 ) -> None:
-    """Write model, optimizer and iteration (plus any `extra` entries) to a path or a binary file."""
-    state = {"model": unwrap_model(model).state_dict(), "iteration": int(iteration), **extra}
+    """Write model, optimizer and iteration (plus any `extra` entries) to a path or a binary file.
+    `model_state` replaces the model's full state_dict (a LoRA run saves only its adapters)."""
+    state = {"model": unwrap_model(model).state_dict() if model_state is None else model_state,
+             "iteration": int(iteration), **extra}
     if optimizer is not None:
         state["optimizer"] = optimizer.state_dict()
     seal(state)  # a checksum of the contents, verified by read_checkpoint

@@ -29,6 +29,11 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "checkpoint": ("diyllm.training.checkpoint_cli", "checkpoint tools: consolidate a sharded (DCP) checkpoint"),
     "sample": ("diyllm.generation.cli", "generate text from a checkpoint"),
     "chat": ("diyllm.generation.chat", "talk to a fine-tuned checkpoint in the terminal"),
+    # --- issue 16: post-training ---
+    "dpo": ("diyllm.training.dpo", "preference tuning (DPO) on chosen/rejected pairs (same loop as train)"),
+    "rl": ("diyllm.training.rl", "RL with a verifiable reward (GRPO rollouts, same loop as train)"),
+    "distill": ("diyllm.training.distill", "train a student on a teacher's soft targets (same loop as train)"),
+    "lora": ("diyllm.training.lora_cli", "LoRA adapters: `diyllm lora merge --ckpt RUN --out merged.pt`"),
     "show-sft-sample": ("diyllm.data.show_sft", "render one SFT conversation with its trained tokens marked"),
     "plot": ("diyllm.lab.plot", "plot loss curves of one or more runs to a PNG"),
     "compare": ("diyllm.lab.compare", "table comparing runs (loss, gap, speed, size)"),

@@ -14,6 +14,7 @@ GGUF (one file for llama.cpp; needs the gguf extra) and Ollama (the GGUF plus a 
 from __future__ import annotations
 
 import argparse
+import os
 import time
 from pathlib import Path
 
@@ -46,7 +47,7 @@ def run_gguf(args: argparse.Namespace) -> int:
     print(f"exported {args.ckpt} -> {out} ({dtype}, {size / 1e6:.1f} MB in {time.perf_counter() - t0:.2f}s)")
     if args.format == "ollama":
         from diyllm.atomic import atomic_write
-        from diyllm.training.checkpoint import load_model
+        from diyllm.loading import load_model
 
         model, tokenizer, _ = load_model(args.ckpt)
         chat = "<|im_end|>" in getattr(tokenizer, "special_tokens", [])
@@ -56,6 +57,15 @@ def run_gguf(args: argparse.Namespace) -> int:
     else:
         print(f"run it with llama.cpp: llama-cli -m {out} -p 'Hello'")
     return 0
+
+
+def _is_lora_checkpoint(spec: str) -> bool:
+    from diyllm.checkpoints import read_checkpoint, resolve_checkpoint_path
+
+    if spec.startswith("hf:"):
+        return False
+    path = resolve_checkpoint_path(spec)
+    return os.path.isfile(path) and "lora" in read_checkpoint(path)
 
 
 def run(args: argparse.Namespace) -> int:
@@ -69,7 +79,16 @@ def run(args: argparse.Namespace) -> int:
         raise UserError(f"--dtype {args.dtype} is a GGUF dtype; --format hf takes float32, bfloat16 or float16")
 
     t0 = time.perf_counter()
-    out = export_checkpoint(args.ckpt, args.out, dtype=args.dtype, overwrite=args.overwrite)
+    if _is_lora_checkpoint(args.ckpt):  # base + adapters: export the folded weights
+        from diyllm.interop.hf import export_hf
+        from diyllm.loading import load_model
+        from diyllm.model.lora import merge_lora
+
+        model, tokenizer, _ = load_model(args.ckpt)
+        merge_lora(model)
+        out = export_hf(model, args.out, tokenizer, dtype=args.dtype, overwrite=args.overwrite)
+    else:
+        out = export_checkpoint(args.ckpt, args.out, dtype=args.dtype, overwrite=args.overwrite)
     size = sum(f.stat().st_size for f in Path(out).iterdir())
     seconds = time.perf_counter() - t0
     files = ", ".join(sorted(f.name for f in Path(out).iterdir()))

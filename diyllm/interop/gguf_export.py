@@ -145,7 +145,8 @@ def _tensor_data(gguf, name: str, t: torch.Tensor, dtype: str) -> tuple[np.ndarr
 def export_gguf(ckpt: str | os.PathLike, out: str | os.PathLike, dtype: str = "f32", overwrite: bool = False,
                 name: str | None = None) -> Path:
     """Write `ckpt` (anything `load_model` reads) as one GGUF file at `out` (atomically)."""
-    from diyllm.training.checkpoint import load_model
+    from diyllm.loading import load_model
+    from diyllm.model.lora import merge_lora
 
     gguf = _gguf()
     if dtype not in GGUF_DTYPES:
@@ -156,6 +157,7 @@ def export_gguf(ckpt: str | os.PathLike, out: str | os.PathLike, dtype: str = "f
     if out.exists() and not overwrite:
         raise UserError(f"{out} exists; pass --overwrite to replace it")
     model, tokenizer, _ = load_model(ckpt)
+    merge_lora(model)  # a LoRA checkpoint loads as base + adapters; a no-op for a plain model
     if tokenizer is None:
         raise UserError(f"{ckpt} holds no tokenizer; GGUF files carry one, so there is nothing to export it with")
     cfg = model.config

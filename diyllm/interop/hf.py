@@ -125,6 +125,11 @@ def export_checkpoint(
 
     path = resolve_checkpoint_path(ckpt_path)
     ckpt = read_checkpoint(path)
+    if "lora" in ckpt:
+        from diyllm.errors import UserError
+
+        raise UserError(f"{path} is a LoRA adapter checkpoint; `diyllm export` merges it into its base, or fold it "
+                        "first with `diyllm lora merge --ckpt RUN --out merged.pt`")
     model, tokenizer = model_from_checkpoint(ckpt, path), tokenizer_from_text(ckpt.get("tokenizer"), path)
     if tokenizer is None:
         warnings.warn(f"{ckpt_path} embeds no tokenizer; exporting the model without tokenizer files", stacklevel=2)

@@ -27,7 +27,7 @@ import time
 from pathlib import Path
 from typing import Any
 
-EXPERIMENTS = ("pretrain-vs-sft", "synthetic-data")
+EXPERIMENTS = ("pretrain-vs-sft", "synthetic-data", "post-training")  # post-training: diyllm/lab/post_training.py
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -177,6 +177,12 @@ def run(args: argparse.Namespace) -> int:
         paths = write_synthetic(out, s, args.seed)
         byte_tokenizer().save(out / "tokenizer.json")  # found automatically beside the data
         print("wrote " + ", ".join(str(p) for p in paths.values()) + f" and {out / 'tokenizer.json'}")
+        return 0
+    if args.experiment == "post-training":
+        from diyllm.lab.post_training import post_training
+        from diyllm.lab.post_training import print_report as print_post_report
+
+        print_post_report(post_training(out, quick=args.quick, device=args.device, seed=args.seed), out)
         return 0
     report = pretrain_vs_sft(out, quick=args.quick, device=args.device, seed=args.seed, show=args.show)
     print_report(report, out)

@@ -111,6 +111,20 @@ class TrainConfig:
     fsdp_cpu_offload: bool = False  # keep sharded params, grads and optimizer state in CPU RAM (slow, saves GPU memory)
     activation_checkpointing: bool = False  # recompute each block's activations in backward (~1/3 more compute)
     memory_check: bool = True  # refuse to start when the memory estimate exceeds the device's memory
+    # --- issue 16: post-training (docs/post_training.md) ---
+    lora_rank: int = 0  # 0: full fine-tuning; > 0: LoRA adapters of this rank, base weights frozen
+    lora_alpha: float = 0.0  # adapter scale = lora_alpha / lora_rank; 0: = lora_rank (scale 1)
+    lora_dropout: float = 0.0  # dropout on the adapters' input
+    lora_targets: str = "q,k,v,o,w1,w2,w3"  # also attn, mlp; lm_head / embed train those matrices in full
+    dpo_beta: float = 0.1  # how far DPO may move the policy from the reference
+    dpo_label_smoothing: float = 0.0  # probability that a preference label is wrong (conservative DPO)
+    rl_group_size: int = 8  # completions sampled per prompt (advantages are relative to the group)
+    rl_max_new_tokens: int = 16  # completion length limit
+    rl_temperature: float = 1.0  # sampling temperature of the rollouts (> 0)
+    rl_clip_eps: float = 0.2  # PPO/GRPO ratio clipping
+    rl_kl_coef: float = 0.0  # weight of the KL penalty to the reference model
+    distill_alpha: float = 0.5  # weight of the KL-to-teacher term; 1 - distill_alpha weighs the hard-label loss
+    distill_temperature: float = 2.0  # softmax temperature of teacher and student in the KL term
     # --- issue 12: reproducibility ---
     deterministic: bool = False  # CUDA: torch.use_deterministic_algorithms + cuBLAS workspace (slower); CPU always is
     # --- issue 18: benchmark evals during training (diyllm.eval; see docs/eval.md) ---
@@ -184,6 +198,17 @@ class TrainConfig:
         need(self.rope_theta > 0 and math.isfinite(self.rope_theta), f"rope_theta={self.rope_theta} must be > 0")
         need(self.norm_eps > 0 and math.isfinite(self.norm_eps), f"norm_eps={self.norm_eps} must be > 0")
         need(self.keep_checkpoints >= 1, f"keep_checkpoints={self.keep_checkpoints} must be >= 1")
+        # --- issue 16: post-training ---
+        need(self.lora_rank >= 0 and self.lora_alpha >= 0, "lora_rank and lora_alpha must be >= 0")
+        need(0 <= self.lora_dropout < 1, f"lora_dropout={self.lora_dropout} must be in [0, 1)")
+        need(self.dpo_beta > 0, f"dpo_beta={self.dpo_beta} must be > 0")
+        need(0 <= self.dpo_label_smoothing < 0.5, "dpo_label_smoothing must be in [0, 0.5)")
+        need(self.rl_group_size >= 2, f"rl_group_size={self.rl_group_size} must be >= 2 (advantages compare "
+             "the completions of one prompt)")
+        need(self.rl_max_new_tokens > 0 and self.rl_temperature > 0, "rl_max_new_tokens and rl_temperature must be > 0")
+        need(self.rl_clip_eps > 0 and self.rl_kl_coef >= 0, "rl_clip_eps must be > 0 and rl_kl_coef >= 0")
+        need(0 <= self.distill_alpha <= 1, f"distill_alpha={self.distill_alpha} must be in [0, 1]")
+        need(self.distill_temperature > 0, f"distill_temperature={self.distill_temperature} must be > 0")
         if problems:
             raise UserError("invalid training config:\n  - " + "\n  - ".join(problems))
         return self

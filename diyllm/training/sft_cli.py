@@ -18,10 +18,10 @@ import argparse
 import dataclasses
 from typing import Any
 
-import torch
 from torch import nn
 
 from diyllm.errors import UserError
+from diyllm.model.vocab import resize_vocabulary  # noqa: F401  (re-exported: callers import it here)
 
 ACCEPTS_OVERRIDES = True
 SHAPE_KEYS = ("vocab_size", "context_length", "d_model", "num_layers", "num_heads", "num_kv_heads", "d_ff",
@@ -32,33 +32,6 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("config", nargs="?", default=None, help="a TOML file or the name of a shipped sft config")
     parser.add_argument("--print-config", action="store_true", help="print the resolved config and exit")
 
-
-@torch.no_grad()
-def resize_vocabulary(model: nn.Module, new_size: int) -> list[int]:
-    """Grow the embedding and lm_head to `new_size` rows; new rows = mean of the old ones. Returns new ids.
-
-    The mean embedding is a vector the network has effectively seen (it is the centre of all inputs), and
-    a mean lm_head row gives each new token the average logit, so adding tokens does not disturb what the
-    model already predicts for the old ones.
-    """
-    old = model.config.vocab_size
-    if new_size < old:
-        raise ValueError(f"cannot shrink the vocabulary from {old} to {new_size}")
-    if new_size == old:
-        return []
-    extra = new_size - old
-    head = model.lm_head.weight
-    new_head = torch.cat([head, head.mean(0, keepdim=True).expand(extra, -1)])
-    model.lm_head.weight = nn.Parameter(new_head)
-    model.lm_head.out_features = new_size
-    if model.config.tie_embeddings:
-        model.token_embeddings.weight = model.lm_head.weight
-    else:
-        emb = model.token_embeddings.weight
-        model.token_embeddings.weight = nn.Parameter(torch.cat([emb, emb.mean(0, keepdim=True).expand(extra, -1)]))
-    model.token_embeddings.num_embeddings = new_size
-    model.config.vocab_size = new_size
-    return list(range(old, new_size))
 
 
 def check_tokenizer_matches(checkpoint_tok: Any, given_tok: Any, given_path: str, ckpt_path: str) -> None:
@@ -100,6 +73,9 @@ def prepare_sft(cfg: Any) -> tuple[Any, Any, nn.Module | None]:
 
     path = cfg.init_from
     model, tok, _ = load_model(path)  # a .pt, a run folder, or hf:DIR
+    from diyllm.model.lora import merge_lora
+
+    merge_lora(model)  # an adapter checkpoint (base + LoRA) continues as one plain model
     if tok is None:
         raise UserError(f"{path} holds no tokenizer; SFT needs the pretraining tokenizer inside the checkpoint")
     if cfg.tokenizer_path:
@@ -119,6 +95,31 @@ def prepare_sft(cfg: Any) -> tuple[Any, Any, nn.Module | None]:
     return cfg, source, model
 
 
+def prepare_lora_sft(cfg: Any) -> dict[str, Any]:
+    """An SFT run with LoRA adapters (cfg.lora_rank > 0): the frozen base is the init_from checkpoint
+    (for init_from=resume: the one the run started from); checkpoints hold only the adapters."""
+    from diyllm.model.lora import apply_lora, merge_lora, trainable_fraction
+    from diyllm.training.checkpoint import load_model
+    from diyllm.training.finetune import PolicySetup, start_spec
+    from diyllm.training.lora_checkpoint import base_reference
+
+    resume = cfg.init_from == "resume"
+    spec = start_spec(cfg)
+    base, _, _ = load_model(spec)
+    base_ref = base_reference(spec, merge_lora(base))
+    cfg, source, model = prepare_sft(dataclasses.replace(cfg, init_from=spec))
+    targets = cfg.lora_targets
+    if source.added_tokens and "lm_head" not in targets:
+        targets = f"{targets},lm_head,embed"
+        print(f"LoRA: new tokens {source.added_tokens} were added, so lm_head and the embedding train in full too")
+    apply_lora(model, cfg.lora_rank, cfg.lora_alpha or None, cfg.lora_dropout, targets)
+    setup = PolicySetup(base_ref, source.added_tokens, *trainable_fraction(model))
+    print(setup.describe())
+    if resume:
+        cfg = dataclasses.replace(cfg, init_from="resume")
+    return {"cfg": cfg, "source": source, "model": model, "objective": None, "setup": setup, "start": spec}
+
+
 def run(args: argparse.Namespace) -> int:
     from diyllm.training.config import load_config
     from diyllm.training.distributed import finish_worker
@@ -128,6 +129,11 @@ def run(args: argparse.Namespace) -> int:
     if args.print_config:
         print(cfg.to_json())
         return 0
+    if cfg.lora_rank:
+        from diyllm.training.finetune import train_post
+
+        train_post(prepare_lora_sft(cfg))
+        return finish_worker(0)
     cfg, source, model = prepare_sft(cfg)
     result = train(cfg, source=source, model=model)
     # a run stopped by SIGTERM/SIGINT (checkpoint saved) exits 128 + signal (143 / 130), not 0
