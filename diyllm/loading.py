@@ -30,7 +30,7 @@ def read_model_reference(spec: str | os.PathLike) -> tuple[dict[str, Any], str]:
     diyllm checkpoint (iteration 0)."""
     spec = os.fspath(spec)
     if spec.startswith(HF_PREFIX):
-        from diyllm.interop.hf import hf_checkpoint_dict
+        from diyllm.interop.hf_read import hf_checkpoint_dict
 
         return hf_checkpoint_dict(spec[len(HF_PREFIX):]), spec
     path = resolve_checkpoint_path(spec)

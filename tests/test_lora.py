@@ -161,11 +161,8 @@ def _adapter_checkpoint(tmp_path, base_path, rank):
     _randomise_b(model)
     entries = adapter_entries(model, ref)
     out = tmp_path / f"lora{rank}.pt"
-    save_checkpoint(model, None, 5, out, model_config=model.config.to_dict(), tokenizer=saved["tokenizer"],
-                    lora=entries["lora"])
-    state = torch.load(out, weights_only=True)
-    state["model"] = entries["model"]  # what the trainer's LoRA checkpointer writes
-    torch.save(state, out)
+    save_checkpoint(model, None, 5, out, model_state=entries["model"],  # adapters only, as a LoRA run writes
+                    model_config=model.config.to_dict(), tokenizer=saved["tokenizer"], lora=entries["lora"])
     return out, model.eval()
 
 

@@ -14,7 +14,6 @@ GGUF (one file for llama.cpp; needs the gguf extra) and Ollama (the GGUF plus a 
 from __future__ import annotations
 
 import argparse
-import os
 import time
 from pathlib import Path
 
@@ -59,15 +58,6 @@ def run_gguf(args: argparse.Namespace) -> int:
     return 0
 
 
-def _is_lora_checkpoint(spec: str) -> bool:
-    from diyllm.checkpoints import read_checkpoint, resolve_checkpoint_path
-
-    if spec.startswith("hf:"):
-        return False
-    path = resolve_checkpoint_path(spec)
-    return os.path.isfile(path) and "lora" in read_checkpoint(path)
-
-
 def run(args: argparse.Namespace) -> int:
     from diyllm.interop.hf import export_checkpoint
 
@@ -79,16 +69,7 @@ def run(args: argparse.Namespace) -> int:
         raise UserError(f"--dtype {args.dtype} is a GGUF dtype; --format hf takes float32, bfloat16 or float16")
 
     t0 = time.perf_counter()
-    if _is_lora_checkpoint(args.ckpt):  # base + adapters: export the folded weights
-        from diyllm.interop.hf import export_hf
-        from diyllm.loading import load_model
-        from diyllm.model.lora import merge_lora
-
-        model, tokenizer, _ = load_model(args.ckpt)
-        merge_lora(model)
-        out = export_hf(model, args.out, tokenizer, dtype=args.dtype, overwrite=args.overwrite)
-    else:
-        out = export_checkpoint(args.ckpt, args.out, dtype=args.dtype, overwrite=args.overwrite)
+    out = export_checkpoint(args.ckpt, args.out, dtype=args.dtype, overwrite=args.overwrite)
     size = sum(f.stat().st_size for f in Path(out).iterdir())
     seconds = time.perf_counter() - t0
     files = ", ".join(sorted(f.name for f in Path(out).iterdir()))
