@@ -238,3 +238,39 @@ def test_cli_refuses_bad_options_with_one_error_line(tmp_path, capsys, args, mes
     assert main(argv) == 2
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and err[0].startswith("error: ") and message in err[0]
+
+
+def test_download_path_reads_the_hub_parquet_conversion_into_the_cache(tmp_path, char_tok, monkeypatch):
+    """The real download code with the Hub replaced by local Parquet files (nothing leaves the machine):
+    the split's files are picked from the parquet branch listing, C-Eval-style subject configs tag rows with
+    their subject, and the cache file is used from then on."""
+    pa = pytest.importorskip("pyarrow")
+    pq = pytest.importorskip("pyarrow.parquet")
+    hub = pytest.importorskip("huggingface_hub")
+    from diyllm.eval.data import PARQUET_REVISION
+
+    files = {"accountant/val/0000.parquet": [{"question": "1+1?", "A": "1", "B": "2", "C": "3", "D": "4",
+                                              "answer": "B"}],
+             "law/val/0000.parquet": [{"question": "2+2?", "A": "4", "B": "2", "C": "3", "D": "1", "answer": "A"}],
+             "law/dev/0000.parquet": [{"question": "x", "A": "a", "B": "b", "C": "c", "D": "d", "answer": "A"}]}
+    for name, rows in files.items():
+        (tmp_path / "hub" / name).parent.mkdir(parents=True, exist_ok=True)
+        pq.write_table(pa.Table.from_pylist(rows), tmp_path / "hub" / name)
+    calls = []
+
+    def list_repo_files(self, repo, repo_type=None, revision=None):
+        calls.append((repo, repo_type, revision))
+        return [*files, "README.md"]
+
+    monkeypatch.setattr(hub.HfApi, "list_repo_files", list_repo_files)
+    monkeypatch.setattr(hub, "hf_hub_download", lambda repo, name, **kw: str(tmp_path / "hub" / name))
+    monkeypatch.setenv("DIYLLM_CACHE", str(tmp_path / "cache"))
+    monkeypatch.delenv("HF_HUB_OFFLINE", raising=False)
+    docs = load_docs(get_task("ceval"), "val")
+    assert calls == [("ceval/ceval-exam", "dataset", PARQUET_REVISION)]
+    assert [(d.subject, d.gold) for d in docs] == [("accountant", 1), ("law", 0)]
+    assert docs[0].query.startswith("1+1?\nA. 1\nB. 2") and docs[0].query.endswith("答案：")
+    cached = tmp_path / "cache" / "eval" / "ceval" / "val.jsonl"
+    assert cached.exists()
+    monkeypatch.setattr(hub.HfApi, "list_repo_files", lambda *a, **k: pytest.fail("the cache must be used"))
+    assert load_docs(get_task("ceval"), "val") == docs
