@@ -99,6 +99,14 @@ class TrainConfig:
     max_nonfinite_steps: int = 10  # stop after this many consecutive NaN/inf steps
     grad_spike_factor: float = 10.0  # warn when grad norm > this x the median of the last 50
     peak_flops: float = 0.0  # per device, for MFU; 0: look the GPU up in a small table
+    # --- issue 19: optimizer choice and Muon (training/optim.py) ---
+    optimizer: str = "adamw"  # adamw | muon: Muon on the 2-D hidden matrices, AdamW (keys above) on the rest
+    muon_lr: float = 0.02  # Muon's peak lr; follows learning_rate's warmup/decay (scaled by muon_lr/learning_rate)
+    muon_momentum: float = 0.95
+    muon_nesterov: bool = True
+    muon_ns_steps: int = 5  # Newton-Schulz iterations
+    muon_weight_decay: float = 0.0  # decoupled, on the Muon matrices (weight_decay covers the AdamW ones)
+    muon_adjust_lr: str = "original"  # original: x√max(1, rows/cols) | match_rms_adamw: x0.2√max(rows, cols) | none
 
     # ---------------------------------------------------------------------------------------------
     def validate(self) -> TrainConfig:
@@ -136,6 +144,14 @@ class TrainConfig:
         need(self.data_format in DATA_FORMATS, f"data_format={self.data_format!r} must be one of {DATA_FORMATS}")
         need(self.attn_impl in ("sdpa", "diy"), f"attn_impl={self.attn_impl!r} must be sdpa or diy")
         need(self.jsonl_mode in ("pack", "pad"), f"jsonl_mode={self.jsonl_mode!r} must be pack or pad")
+        # --- issue 19 ---
+        need(self.optimizer in ("adamw", "muon"), f"optimizer={self.optimizer!r} must be adamw or muon")
+        need(self.muon_lr > 0 and math.isfinite(self.muon_lr), "muon_lr must be a finite value > 0")
+        need(0 <= self.muon_momentum < 1, f"muon_momentum={self.muon_momentum} must be in [0, 1)")
+        need(self.muon_ns_steps >= 1, f"muon_ns_steps={self.muon_ns_steps} must be >= 1")
+        need(self.muon_weight_decay >= 0, "muon_weight_decay must be >= 0")
+        need(self.muon_adjust_lr in ("original", "match_rms_adamw", "none"),
+             f"muon_adjust_lr={self.muon_adjust_lr!r} must be original, match_rms_adamw or none")
         if self.init_from.startswith("hf:"):
             need(os.path.isdir(self.init_from[3:]),
                  f"init_from={self.init_from!r}: {self.init_from[3:]!r} is not a folder (hf:DIR names a local "

@@ -56,7 +56,7 @@ from diyllm.training.distributed import (
 )
 from diyllm.training.health import HealthMonitor
 from diyllm.training.metrics import MetricsLogger, format_eval_line, format_train_line, peak_flops
-from diyllm.training.optim import AdamW, clip_grad_norm_
+from diyllm.training.optim import build_optimizer, clip_grad_norm_
 from diyllm.training.schedule import cosine_lr
 
 # DIYConfig fields that decide the weights' shapes/meaning: a checkpoint must agree on all of them.
@@ -335,8 +335,8 @@ class Trainer:
             torch.manual_seed(cfg.seed + dist.rank)  # but different dropout masks per rank
 
         # optimizer, scaler
-        self.optimizer = AdamW(optimizer_groups(unwrap_model(self.model), cfg.weight_decay), lr=cfg.learning_rate,
-                               betas=(cfg.beta1, cfg.beta2), eps=cfg.eps, foreach=True)
+        self.optimizer = build_optimizer(cfg, unwrap_model(self.model),  # AdamW or Muon (cfg.optimizer)
+                                         optimizer_groups(unwrap_model(self.model), cfg.weight_decay))
         self.params = [p for g in self.optimizer.param_groups for p in g["params"]]
         fp16 = self.dtype == torch.float16
         self.scaler = torch.amp.GradScaler(self.device.type, enabled=fp16) if fp16 else None
