@@ -107,6 +107,11 @@ class TrainConfig:
     muon_ns_steps: int = 5  # Newton-Schulz iterations
     muon_weight_decay: float = 0.0  # decoupled, on the Muon matrices (weight_decay covers the AdamW ones)
     muon_adjust_lr: str = "original"  # original: x√max(1, rows/cols) | match_rms_adamw: x0.2√max(rows, cols) | none
+    # model options of the speedrun (model/config.py DIYConfig; defaults = the plain Llama block)
+    qk_norm: bool = False  # RMS-normalise q and k per head before RoPE
+    mlp: str = "swiglu"  # swiglu | relu2 (w2(relu(w1·x)²); d_ff default 4·d_model)
+    zero_init_proj: bool = False  # attention output and MLP w2 matrices start at 0
+    logit_softcap: float = 0.0  # > 0: logits = c·tanh(logits / c)
 
     # ---------------------------------------------------------------------------------------------
     def validate(self) -> TrainConfig:
@@ -152,6 +157,8 @@ class TrainConfig:
         need(self.muon_weight_decay >= 0, "muon_weight_decay must be >= 0")
         need(self.muon_adjust_lr in ("original", "match_rms_adamw", "none"),
              f"muon_adjust_lr={self.muon_adjust_lr!r} must be original, match_rms_adamw or none")
+        need(self.mlp in ("swiglu", "relu2"), f"mlp={self.mlp!r} must be swiglu or relu2")
+        need(self.logit_softcap >= 0, f"logit_softcap={self.logit_softcap} must be >= 0 (0: off)")
         if self.init_from.startswith("hf:"):
             need(os.path.isdir(self.init_from[3:]),
                  f"init_from={self.init_from!r}: {self.init_from[3:]!r} is not a folder (hf:DIR names a local "

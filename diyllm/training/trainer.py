@@ -107,7 +107,9 @@ def model_config_from(cfg: TrainConfig, vocab_size: int) -> DIYConfig:
                          num_layers=cfg.num_layers, num_heads=cfg.num_heads, num_kv_heads=cfg.num_kv_heads,
                          d_ff=cfg.d_ff, rope_theta=cfg.rope_theta, norm_eps=cfg.norm_eps, dropout=cfg.dropout,
                          tie_embeddings=cfg.tie_embeddings, attn_impl=cfg.attn_impl,
-                         fused_projections=cfg.fused_projections, init_std=cfg.init_std)
+                         fused_projections=cfg.fused_projections, init_std=cfg.init_std,
+                         qk_norm=cfg.qk_norm, mlp=cfg.mlp, zero_init_proj=cfg.zero_init_proj,  # issue 19
+                         logit_softcap=cfg.logit_softcap)
     except ValueError as exc:
         raise UserError(str(exc)) from exc
 
