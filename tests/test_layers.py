@@ -27,6 +27,23 @@ def test_embedding_matches_f_embedding():
     assert emb.weight.abs().max() <= 3.0
 
 
+def test_embedding_backward_matches_f_embedding_and_is_deterministic():
+    """At the shipped recipe's size (a (12, 64) batch into a (65, 128) table) and torch's default thread
+    count: plain indexing's backward varies run to run there, ours must not, and equals F.embedding's."""
+    emb = Embedding(65, 128)
+    ids = torch.randint(0, 65, (12, 64))
+    grad_out = torch.randn(12, 64, 128)
+
+    def grad(fn):
+        emb.weight.grad = None
+        fn().backward(grad_out)
+        return emb.weight.grad.clone()
+
+    first = grad(lambda: emb(ids))
+    assert all(torch.equal(grad(lambda: emb(ids)), first) for _ in range(10))
+    torch.testing.assert_close(first, grad(lambda: F.embedding(ids, emb.weight)), rtol=1e-6, atol=1e-6)
+
+
 def test_rmsnorm_matches_reference_and_keeps_dtype():
     norm = RMSNorm(32, eps=1e-5)
     with torch.no_grad():

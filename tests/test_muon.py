@@ -10,7 +10,7 @@ import torch
 from test_trainer import make_char_dataset, tiny_cfg, train_losses
 
 from diyllm.training.checkpoint import read_checkpoint
-from diyllm.training.optim import AdamW, Muon, build_optimizer, is_hidden_matrix, newton_schulz_orthogonalize
+from diyllm.training.optim import AdamW, Muon, is_hidden_matrix, newton_schulz_orthogonalize
 
 
 @pytest.fixture(scope="module")
@@ -124,11 +124,11 @@ def test_muon_state_dict_round_trip_through_torch_save_continues_identically():
 
 def test_build_optimizer_puts_hidden_matrices_on_muon_and_the_rest_on_adamw(tiny_data, tmp_path):
     from diyllm.model import DIYConfig, DIYForCausalLM
-    from diyllm.training.trainer import optimizer_groups
+    from diyllm.training.build import build_optimizer
 
     model = DIYForCausalLM(DIYConfig(vocab_size=40, context_length=16, d_model=32, num_layers=2, num_heads=2))
     cfg = tiny_cfg(tiny_data, tmp_path, optimizer="muon", muon_lr=0.03)
-    opt = build_optimizer(cfg, model, optimizer_groups(model, cfg.weight_decay))
+    opt = build_optimizer(cfg, model)
     names = {id(p): n for n, p in model.named_parameters()}
     on_muon = {names[id(p)] for g in opt.param_groups if g["use_muon"] for p in g["params"]}
     on_adamw = {names[id(p)] for g in opt.param_groups if not g["use_muon"] for p in g["params"]}
@@ -143,10 +143,9 @@ def test_build_optimizer_puts_hidden_matrices_on_muon_and_the_rest_on_adamw(tiny
 def test_muon_training_learns_and_resumes_bit_identically(tiny_data, tmp_path):
     from diyllm.training.trainer import train
 
-    # A realistic-ish shape. Threads: one, until issue 12's deterministic embedding backward lands (today two
-    # multi-threaded runs from scratch already differ at iteration 4, before any resume); then num_threads=0.
+    # A realistic-ish shape and torch's default thread count (never pinned to 1): resume must be exact anyway.
     kw = dict(max_iters=12, lr_decay_iters=12, eval_interval=6, checkpoint_interval=6, optimizer="muon",
-              muon_lr=0.02, d_model=64, num_heads=4, d_ff=192, context_length=64, batch_size=8)
+              muon_lr=0.02, d_model=64, num_heads=4, d_ff=192, context_length=64, batch_size=8, num_threads=0)
     train(tiny_cfg(tiny_data, tmp_path / "full", **kw))
     train(tiny_cfg(tiny_data, tmp_path / "split", **{**kw, "max_iters": 6}))
     train(tiny_cfg(tiny_data, tmp_path / "split", **{**kw, "init_from": "resume"}))

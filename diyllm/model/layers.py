@@ -38,8 +38,34 @@ class Linear(nn.Module):
         return f"in_features={self.in_features}, out_features={self.out_features}"
 
 
+class EmbeddingLookup(torch.autograd.Function):
+    """weight[ids] forward; backward adds each output row's gradient into the row of its token.
+
+    Written out because the backward of plain indexing (`weight[ids]`, an accumulating index_put) adds the
+    rows of a repeated token in an order that depends on the thread schedule: two identical runs on 2 CPU
+    threads then drift apart by ~1e-6 within 40 steps. `index_add_` over the flattened ids adds them in
+    index order, so the gradient is bit-identical on any thread count (as F.embedding's is).
+    """
+
+    @staticmethod
+    def forward(ctx, weight: torch.Tensor, token_ids: torch.Tensor) -> torch.Tensor:
+        ctx.save_for_backward(token_ids)
+        ctx.num_embeddings = weight.shape[0]
+        return weight[token_ids]
+
+    @staticmethod
+    def backward(ctx, grad_out: torch.Tensor) -> tuple[torch.Tensor, None]:
+        (token_ids,) = ctx.saved_tensors
+        dim = grad_out.shape[-1]
+        grad_weight = grad_out.new_zeros(ctx.num_embeddings, dim)
+        grad_weight.index_add_(0, token_ids.reshape(-1), grad_out.reshape(-1, dim))
+        return grad_weight, None
+
+
 class Embedding(nn.Module):
-    """A lookup table: row i of the (vocab, d_model) weight is the vector of token i."""
+    """A lookup table: row i of the (vocab, d_model) weight is the vector of token i.
+
+    The lookup goes through `EmbeddingLookup` so that its backward is deterministic (see there)."""
 
     def __init__(self, num_embeddings: int, embedding_dim: int, device=None, dtype=None):
         super().__init__()
@@ -48,7 +74,9 @@ class Embedding(nn.Module):
         trunc_normal_(self.weight, 1.0)
 
     def forward(self, token_ids: torch.Tensor) -> torch.Tensor:
-        return self.weight[token_ids]
+        if not (torch.is_grad_enabled() and self.weight.requires_grad):
+            return self.weight[token_ids]  # no backward to make deterministic: skip the Function's overhead
+        return EmbeddingLookup.apply(self.weight, token_ids)
 
     def extra_repr(self) -> str:
         return f"{self.num_embeddings}, {self.embedding_dim}"

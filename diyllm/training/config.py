@@ -99,6 +99,8 @@ class TrainConfig:
     max_nonfinite_steps: int = 10  # stop after this many consecutive NaN/inf steps
     grad_spike_factor: float = 10.0  # warn when grad norm > this x the median of the last 50
     peak_flops: float = 0.0  # per device, for MFU; 0: look the GPU up in a small table
+    # --- issue 12: reproducibility ---
+    deterministic: bool = False  # CUDA: torch.use_deterministic_algorithms + cuBLAS workspace (slower); CPU always is
     # --- issue 19: optimizer choice and Muon (training/optim.py) ---
     optimizer: str = "adamw"  # adamw | muon: Muon on the 2-D hidden matrices, AdamW (keys above) on the rest
     muon_lr: float = 0.02  # Muon's peak lr; follows learning_rate's warmup/decay (scaled by muon_lr/learning_rate)

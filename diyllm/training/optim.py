@@ -269,15 +269,10 @@ def clip_grad_norm_(parameters: Iterable[torch.nn.Parameter], max_l2_norm: float
     return total
 
 
-def build_optimizer(cfg, model: torch.nn.Module, groups: list[dict]) -> torch.optim.Optimizer:
-    """The optimizer a TrainConfig asks for, over `groups` (AdamW's decay / no-decay split).
-
-    optimizer="adamw": AdamW on every group. optimizer="muon": the hidden matrices (`is_hidden_matrix`)
-    move to one Muon group with muon_lr (as a multiple of the scheduled lr), muon_momentum and
-    muon_weight_decay; embeddings, head and gains stay in their AdamW groups with the AdamW keys.
-    """
-    if cfg.optimizer == "adamw":
-        return AdamW(groups, lr=cfg.learning_rate, betas=(cfg.beta1, cfg.beta2), eps=cfg.eps, foreach=True)
+def muon_optimizer(cfg, model: torch.nn.Module, groups: list[dict]) -> Muon:
+    """optimizer="muon": the hidden matrices (`is_hidden_matrix`) of AdamW's `groups` (its decay / no-decay
+    split) move to one Muon group with muon_lr (as a multiple of the scheduled lr), muon_momentum and
+    muon_weight_decay; embeddings, head and gains stay in their AdamW groups with the AdamW keys."""
     hidden = [p for name, p in model.named_parameters() if p.requires_grad and is_hidden_matrix(name, p)]
     hidden_ids = {id(p) for p in hidden}
     adamw_groups = [dict(g, params=[p for p in g["params"] if id(p) not in hidden_ids], use_muon=False)

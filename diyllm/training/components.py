@@ -1,0 +1,112 @@
+"""The loop's periodic parts, each deciding for itself when it acts: evaluation, checkpoints, early
+stopping, and the stop signal. The loop asks `due(...)`; the rules live here, not in the loop body.
+"""
+
+from __future__ import annotations
+
+import copy
+import math
+import signal
+import threading
+from typing import Any
+
+import torch
+from torch import nn
+
+from diyllm.training.device import autocast_context
+from diyllm.training.distributed import DistInfo, all_reduce_mean
+from diyllm.training.loop_state import LoopState
+from diyllm.training.objective import Objective
+
+
+class Evaluator:
+    """Every `interval` iterations (and at the end): mean train and val loss over `iters` batches each,
+    averaged over ranks, plus val bits per byte.
+
+    The train-split batches are drawn and then the source is rewound, so evaluating never changes the
+    training batch sequence; the val split has its own stream (saved in checkpoints)."""
+
+    def __init__(self, source: Any, objective: Objective, *, interval: int, iters: int, batch_size: int,
+                 max_iters: int, device: torch.device, dtype: torch.dtype, dist: DistInfo,
+                 bytes_per_token: float | None):
+        self.source, self.objective = source, objective
+        self.interval, self.iters, self.batch_size, self.max_iters = interval, iters, batch_size, max_iters
+        self.device, self.dtype, self.dist, self.bytes_per_token = device, dtype, dist, bytes_per_token
+
+    def due(self, state: LoopState) -> bool:
+        it = state.iteration
+        at = (self.interval and it % self.interval == 0) or it >= self.max_iters
+        return bool(at) and it != state.last_eval_iter  # a resumed run does not redo its last eval
+
+    @torch.no_grad()
+    def evaluate(self, model: nn.Module) -> dict[str, float]:
+        was_training = model.training
+        model.eval()
+        out = {}
+        snapshot = copy.deepcopy(self.source.state_dict())
+        for split in ("train", "val"):
+            losses = torch.zeros(self.iters, device=self.device)
+            for k in range(self.iters):
+                batch = self.source.get_batch(split, self.batch_size, self.device)
+                with autocast_context(self.device, self.dtype):
+                    losses[k] = self.objective.eval_loss(model, batch).float()
+            if split == "train":
+                self.source.load_state_dict(snapshot)
+            out[split] = all_reduce_mean(losses.mean(), self.dist).item()
+        model.train(was_training)
+        bpb = out["val"] / math.log(2) / self.bytes_per_token if self.bytes_per_token else None
+        return {"train_loss": out["train"], "val_loss": out["val"], "val_bpb": bpb}
+
+
+class EarlyStopping:
+    """Tracks the best val loss in the LoopState; says stop after `patience` evals without a new best
+    (patience 0: never)."""
+
+    def __init__(self, patience: int):
+        self.patience = patience
+
+    def update(self, state: LoopState, val_loss: float) -> tuple[bool, bool]:
+        """(improved, stop) after an evaluation with this val loss."""
+        if val_loss < state.best_val_loss:
+            state.best_val_loss, state.evals_since_best = val_loss, 0
+            return True, False
+        state.evals_since_best += 1
+        return False, bool(self.patience and state.evals_since_best >= self.patience)
+
+
+class CheckpointSchedule:
+    """latest.pt every `interval` iterations (0: only at the end) and whenever the run ends."""
+
+    def __init__(self, interval: int, start_iteration: int):
+        self.interval, self.start = interval, start_iteration
+
+    def due(self, state: LoopState, ending: bool) -> bool:
+        it = state.iteration
+        return ending or bool(self.interval and it % self.interval == 0 and it != self.start)
+
+
+class StopSignal:
+    """SIGINT/SIGTERM set a flag; the loop finishes its step, checkpoints, and exits. A second SIGINT
+    interrupts at once (the last complete checkpoint stays valid: files are replaced atomically)."""
+
+    def __init__(self, log):
+        self.requested = False
+        self.log = log
+        self._old: dict[int, Any] = {}
+
+    def __enter__(self) -> StopSignal:
+        if threading.current_thread() is threading.main_thread():
+            for sig in (signal.SIGINT, signal.SIGTERM):
+                self._old[sig] = signal.signal(sig, self._handle)
+        return self
+
+    def _handle(self, signum, frame) -> None:
+        if self.requested and signum == signal.SIGINT:
+            raise KeyboardInterrupt
+        self.requested = True
+        self.log(f"\n{signal.Signals(signum).name} received: finishing this step, saving a checkpoint, then "
+                 "exiting (Ctrl-C again to abort now)")
+
+    def __exit__(self, *exc) -> None:
+        for sig, old in self._old.items():
+            signal.signal(sig, old)

@@ -1,0 +1,166 @@
+"""The trainer's setup, one method per stage, in the order `Trainer.setup` runs them:
+
+    runtime   processes (torchrun), device, dtype, threads, deterministic mode, seeds
+    data      the batch source, checked against the config
+    model     built from the config, or from init_from's shape and weights; moved to the device
+    wrap      torch.compile (if asked) and the parallel wrapper: the module the hot loop calls
+    optimizer AdamW over the (possibly wrapped) parameters, the fp16 GradScaler, the health monitor
+    restore   init_from=resume: weights, optimizer, counters, data position, RNGs (last)
+    outputs   the run folder, metrics, and the evaluation / checkpoint / early-stopping parts
+
+Each stage reads what the earlier ones set on the trainer and sets its own attributes; nothing later
+changes the config (only the model stage may, explicitly, adopt a checkpoint's shape).
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import torch
+
+from diyllm.atomic import atomic_write
+from diyllm.errors import UserError
+from diyllm.model import DIYForCausalLM
+from diyllm.training import build, resume
+from diyllm.training.checkpoint import read_init_checkpoint, unwrap_model
+from diyllm.training.checkpointer import SingleFileCheckpointer
+from diyllm.training.components import CheckpointSchedule, EarlyStopping, Evaluator
+from diyllm.training.data_source import make_source
+from diyllm.training.device import resolve_device, resolve_dtype
+from diyllm.training.distributed import init_distributed
+from diyllm.training.health import HealthMonitor
+from diyllm.training.loop_state import LoopState
+from diyllm.training.metrics import MetricsLogger, peak_flops
+from diyllm.training.parallel import default_parallel
+
+
+class SetupStages:
+    """Mixed into Trainer: see the module docstring. `self` is the Trainer."""
+
+    def _setup_runtime(self) -> None:
+        cfg = self.cfg
+        self.dist, rank_device = init_distributed(cfg.device)
+        self.device = rank_device or resolve_device(cfg.device)
+        self.dtype = resolve_dtype(cfg.dtype, self.device)
+        if cfg.gradient_accumulation_steps % self.dist.world_size:
+            raise UserError(
+                f"gradient_accumulation_steps={cfg.gradient_accumulation_steps} is not divisible by the "
+                f"{self.dist.world_size} processes; the global batch is split across ranks, so use a multiple "
+                f"of {self.dist.world_size}")
+        self.accum = cfg.gradient_accumulation_steps // self.dist.world_size  # micro-steps on this rank
+        build.configure_numerics(cfg, self.device)
+        build.seed_everything(cfg.seed, self.dist.rank)
+
+    def _setup_data(self) -> None:
+        cfg, dist = self.cfg, self.dist
+        if self.source is None:
+            self.source = make_source(cfg, dist.rank, dist.world_size)
+        elif dist.enabled and hasattr(self.source, "set_rank"):
+            self.source.set_rank(dist.rank, dist.world_size)
+        self.data_vocab = int(self.source.vocab_size)
+        if cfg.vocab_size and cfg.vocab_size < self.data_vocab:
+            raise UserError(f"vocab_size={cfg.vocab_size} is smaller than the data's vocabulary "
+                            f"({self.data_vocab}); set vocab_size=0 to take it from the data")
+        self.seq_len = int(getattr(self.source, "context_length", cfg.context_length))
+        if self.seq_len > cfg.context_length:
+            raise UserError(f"the data source makes sequences of {self.seq_len} tokens but context_length="
+                            f"{cfg.context_length}; they must fit the model's context")
+        self.tokens_per_iter = cfg.batch_size * self.accum * self.seq_len * dist.world_size
+
+    def _setup_model(self) -> None:
+        cfg = self.cfg
+        init_ckpt = None
+        if cfg.init_from not in ("scratch", "resume"):
+            init_ckpt, where = read_init_checkpoint(cfg.init_from)  # a .pt, a run folder, or hf:DIR
+            self.ckpt_path = Path(where)
+        if self.given_model is not None:
+            self.model = self.given_model
+            self.model_config = getattr(unwrap_model(self.model), "config", None) or build.model_config_from(
+                cfg, cfg.vocab_size or self.data_vocab)
+        else:
+            if init_ckpt is not None:  # the weights decide the shape: the config adopts it, visibly
+                self.cfg, self.model_config = build.checkpoint_shape(cfg, init_ckpt, self.log)
+            else:
+                self.model_config = build.model_config_from(cfg, cfg.vocab_size or self.data_vocab)
+            self.model = DIYForCausalLM(self.model_config)
+        if self.model_config.vocab_size < self.data_vocab:
+            raise UserError(f"the model's vocab_size {self.model_config.vocab_size} is smaller than the data's "
+                            f"{self.data_vocab}: the data was tokenized with a different tokenizer")
+        if init_ckpt is not None:
+            resume.check_compatible(init_ckpt, self.model_config, getattr(self.source, "tokenizer", None),
+                                    str(cfg.init_from))
+            unwrap_model(self.model).load_state_dict(init_ckpt["model"])
+        self.model.to(self.device)
+        self.num_params = sum(p.numel() for p in unwrap_model(self.model).parameters())
+        build.seed_dropout(self.cfg.seed, self.dist.rank)
+        self.objective.prepare(unwrap_model(self.model), self.device)
+        if hasattr(self.source, "attach_model"):  # e.g. an RL source generating rollouts with this model
+            self.source.attach_model(unwrap_model(self.model))
+
+    def _setup_wrap(self) -> None:
+        plain = unwrap_model(self.model)
+        self.compiled = build.try_compile(plain, self.warn) if self.cfg.compile else None
+        # compile errors mostly surface at the first call: that micro-step falls back to eager itself
+        self.micro_step = self._first_compiled_micro_step if self.compiled is not None else self._micro_step
+        self.eval_model = self.compiled if self.compiled is not None else plain
+        self.parallel = self.parallel or default_parallel(self.dist, self.device)
+        self.train_model = self.parallel.wrap(self.eval_model)
+
+    def _setup_optimizer(self) -> None:
+        self.optimizer = build.build_optimizer(self.cfg, unwrap_model(self.model))
+        self.params = [p for g in self.optimizer.param_groups for p in g["params"]]
+        fp16 = self.dtype == torch.float16
+        self.scaler = torch.amp.GradScaler(self.device.type, enabled=True) if fp16 else None
+        self.health = HealthMonitor(self.cfg.max_nonfinite_steps, self.cfg.grad_spike_factor, fp16=fp16)
+
+    def _setup_restore(self) -> None:
+        cfg = self.cfg
+        self.out_dir = Path(cfg.out_dir)
+        self.checkpointer = self.checkpointer or SingleFileCheckpointer(self.out_dir, self.dist)
+        self.resumed = cfg.init_from == "resume"
+        if not self.resumed:
+            self.state = LoopState()
+            return
+        if not self.checkpointer.exists("latest.pt"):
+            raise UserError(f"init_from=resume but {self.checkpointer.path('latest.pt')} does not exist; nothing "
+                            "to resume (use init_from=scratch to start a new run)")
+        self.ckpt_path = self.checkpointer.path("latest.pt")
+        ckpt = self.checkpointer.load("latest.pt")
+        resume.check_compatible(ckpt, self.model_config, getattr(self.source, "tokenizer", None), "latest.pt")
+        self.checkpointer.restore(ckpt, self.model, self.optimizer)
+        if self.scaler is not None and ckpt.get("scaler"):
+            self.scaler.load_state_dict(ckpt["scaler"])
+        self.state = LoopState.from_checkpoint(ckpt)
+        self.health.load_state_dict((ckpt.get("trainer") or {}).get("health", {}))
+        self.objective.load_state_dict(ckpt.get("objective") or {})
+        resume.restore_data_position(ckpt, self.source, self.dist, self.warn)
+        self._resume_ckpt = ckpt  # RNGs are restored at the very end of setup (_setup_outputs)
+
+    def _setup_outputs(self) -> None:
+        cfg, dist = self.cfg, self.dist
+        self.tokenizer_json = resume.tokenizer_text(self.source)
+        self.bytes_per_token = getattr(self.source, "bytes_per_token", None)
+        if dist.is_main:
+            self.out_dir.mkdir(parents=True, exist_ok=True)
+            if cfg.init_from == "scratch" and (self.out_dir / "latest.pt").exists():
+                self.warn(f"{self.out_dir} holds a previous run; its checkpoints will be overwritten "
+                          "(use --init_from=resume to continue it instead)")
+            with atomic_write(self.out_dir / "config.json", "w", encoding="utf-8") as f:
+                f.write(cfg.to_json() + "\n")
+            if self.tokenizer_json:
+                with atomic_write(self.out_dir / "tokenizer.json", "w", encoding="utf-8") as f:
+                    f.write(self.tokenizer_json)
+        self.run_name = cfg.run_name or self.out_dir.resolve().name
+        self.metrics = MetricsLogger(self.out_dir, dist.is_main, cfg.tensorboard, cfg.wandb_project, self.run_name,
+                                     cfg.to_dict(), resume_iter=self.state.iteration if self.resumed else None)
+        self.peak = peak_flops(self.device, cfg.peak_flops)
+        plain = unwrap_model(self.model)
+        self.flops_per_token = plain.flops_per_token(self.seq_len) if hasattr(plain, "flops_per_token") else None
+        self.evaluator = Evaluator(self.source, self.objective, interval=cfg.eval_interval, iters=cfg.eval_iters,
+                                   batch_size=cfg.batch_size, max_iters=cfg.max_iters, device=self.device,
+                                   dtype=self.dtype, dist=dist, bytes_per_token=self.bytes_per_token)
+        self.checkpoints = CheckpointSchedule(cfg.checkpoint_interval, self.state.iteration)
+        self.early_stopping = EarlyStopping(cfg.patience)
+        if self.resumed:  # last: building, moving and compiling the model above may draw random numbers
+            resume.restore_rngs(self._resume_ckpt, dist)
+            del self._resume_ckpt
