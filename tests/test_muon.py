@@ -157,3 +157,20 @@ def test_muon_training_learns_and_resumes_bit_identically(tiny_data, tmp_path):
         assert torch.equal(a["model"][key], b["model"][key]), key
     bufs = [s for s in a["optimizer"]["state"].values() if "momentum_buffer" in s]
     assert bufs and all(s["momentum_buffer"].abs().sum() > 0 for s in bufs)  # Muon's state is in the file
+
+
+def test_the_speedrun_config_builds_its_model_and_muon(tmp_path):
+    from diyllm.model import DIYForCausalLM
+    from diyllm.training.build import build_optimizer, model_config_from
+    from diyllm.training.config import load_config
+
+    cfg = load_config("shakespeare_char_speedrun", [f"--out_dir={tmp_path}"])
+    model = DIYForCausalLM(model_config_from(cfg, 65))
+    assert model.config.qk_norm and model.config.mlp == "relu2" and model.config.logit_softcap > 0
+    assert model.layers[0].attn.output_proj.weight.abs().sum() == 0  # zero_init_proj
+    opt = build_optimizer(cfg, model)
+    assert isinstance(opt, Muon) and sum(g["use_muon"] for g in opt.param_groups) == 1
+    x = torch.randint(0, 65, (2, cfg.context_length))
+    model(x, targets=x).loss.backward()
+    opt.step()  # a zero-initialised matrix gets a non-zero orthogonalised update
+    assert model.layers[0].attn.output_proj.weight.abs().sum() > 0
