@@ -66,7 +66,7 @@ def run_timed(cmd: list[str], cwd: Path, env: dict | None = None) -> tuple[float
     return time.perf_counter() - start, lines
 
 
-def run_nanogpt(src: Path, scratch: Path) -> dict:
+def run_nanogpt(src: Path, scratch: Path, threads: int = 0) -> dict:
     """nanoGPT's README CPU command from a folder of symlinks; its evals as (seconds, val loss)."""
     for name in ("train.py", "model.py", "configurator.py", "config"):
         (scratch / name).symlink_to(src / name)
@@ -75,7 +75,8 @@ def run_nanogpt(src: Path, scratch: Path) -> dict:
     (data / "prepare.py").symlink_to(src / "data" / "shakespeare_char" / "prepare.py")
     (data / "input.txt").symlink_to(SHARED)  # prepare.py downloads only when input.txt is missing
     run_timed([sys.executable, "prepare.py"], data)
-    total, lines = run_timed([sys.executable, "train.py", *NANOGPT_ARGS], scratch)
+    env = dict(os.environ, OMP_NUM_THREADS=str(threads)) if threads else None
+    total, lines = run_timed([sys.executable, "train.py", *NANOGPT_ARGS], scratch, env=env)
     evals = []
     for t, text in lines:
         m = re.match(r"step (\d+): train loss ([\d.]+), val loss ([\d.]+)", text)
@@ -157,9 +158,13 @@ def main() -> None:
     p.add_argument("--data_dir", default=None, help="a prepared shakespeare_char folder (default: prepare one)")
     p.add_argument("--nanogpt-seconds", type=float, default=90.0, help="nanoGPT's wall time without NANOGPT_SRC")
     p.add_argument("--png", type=Path, default=REPO / "benchmarks" / "out" / "speedrun.png")
+    p.add_argument("--threads", type=int, default=0,
+                   help="CPU threads for both (nanoGPT: OMP_NUM_THREADS, diyllm: num_threads); 0: torch's default")
     p.add_argument("--ablate", action="store_true")
     p.add_argument("--iters", type=int, default=250, help="--ablate: steps per run")
     args, args.extra = p.parse_known_args()  # anything else: --key=value overrides for diyllm train
+    if args.threads:
+        args.extra.append(f"--num_threads={args.threads}")
     if not SHARED.is_file():
         raise SystemExit(f"{SHARED} not found (tinyshakespeare.txt)")
     with tempfile.TemporaryDirectory(prefix="bench_speedrun_") as tmp:
@@ -171,7 +176,7 @@ def main() -> None:
         src = os.environ.get("NANOGPT_SRC")
         if src:
             (scratch / "nanogpt").mkdir()
-            nano = run_nanogpt(Path(src).expanduser().resolve(), scratch / "nanogpt")
+            nano = run_nanogpt(Path(src).expanduser().resolve(), scratch / "nanogpt", args.threads)
             runs.append(nano)
             nano_wall, nano_val = nano["wall"], nano["evals"][-1][2]
             print(f"nanoGPT: val {nano_val:.4f} after 2000 iterations in {nano_wall:.1f}s", flush=True)
