@@ -11,6 +11,12 @@ Greedy decoding of --new tokens after a --prompt-token prompt, batch 1, float32 
 contenders run interleaved round by round (the machine may be shared), and the medians are compared:
   * cache speedup = diyllm with KV cache / diyllm without cache (target >= 5x)
   * vs HF          = diyllm with KV cache / transformers LlamaForCausalLM.generate(use_cache=True) (>= 1.5x)
+  * compiled / HF  = generate(compile=True) (static KV cache, torch.compile'd step) / HF generate (>= 3x)
+  * % of bound     = compiled tok/s / (copy bandwidth / weight bytes per token): a decode step must read
+                     every weight once (the embedding table: one row), so memory bandwidth caps tok/s
+                     (target >= 50%). The bandwidth is measured here: a large tensor copy_, read + write.
+  Also printed: the one-off compile time and the break-even number of new tokens after which compiling
+  has paid for itself against the eager cached path.
 The HF model is built with the identical shape (hidden size, intermediate = diyllm's d_ff, heads, RMSNorm
 eps, rope theta, untied head) and runs without an end-of-sequence token (eos_token_id=None), as diyllm
 runs without stop ids, so both produce exactly --new tokens with no stop-token work per step (forcing the
@@ -27,6 +33,7 @@ import time
 
 import torch
 
+from diyllm.generation.compiled import compile_seconds
 from diyllm.generation.generate import generate
 from diyllm.model import DIYConfig, DIYForCausalLM
 
@@ -39,6 +46,24 @@ def hf_model(cfg: DIYConfig):
                      num_key_value_heads=cfg.num_kv_heads, max_position_embeddings=cfg.context_length,
                      rms_norm_eps=cfg.norm_eps, rope_theta=cfg.rope_theta, tie_word_embeddings=False)
     return LlamaForCausalLM(hc).eval()
+
+
+def copy_bandwidth(mb: int = 256, repeats: int = 5) -> float:
+    """Bytes/s moved by dst.copy_(src) over a buffer far larger than the caches (best of `repeats`)."""
+    src = torch.ones(mb * 2**20 // 4)
+    dst = torch.empty_like(src)
+    dst.copy_(src)
+    best = min(timed(lambda: dst.copy_(src)) for _ in range(repeats))
+    return 2 * src.numel() * 4 / best  # read src + write dst
+
+
+def weight_bytes_per_token(model: DIYForCausalLM) -> int:
+    """Bytes of weights one decode step reads: all of them, except the embedding table (one row)."""
+    emb = model.token_embeddings.weight
+    total = sum(p.numel() * p.element_size() for p in model.parameters())
+    if not model.config.tie_embeddings:
+        total -= (emb.shape[0] - 1) * emb.shape[1] * emb.element_size()
+    return total
 
 
 def timed(fn) -> float:
@@ -71,15 +96,21 @@ def bench(cfg: DIYConfig, args) -> dict[str, float]:
                               use_cache=True, pad_token_id=0)
         assert out.shape[1] == args.prompt + args.new
 
-    # warm-up (allocator, lazy init), then interleaved rounds
+    # warm-up (allocator, lazy init; the compile), then interleaved rounds
     generate(model, prompt, 8, temperature=0)
     generate(model, prompt, 8, temperature=0, use_cache=False)
+    if args.compile:
+        first = timed(lambda: generate(model, prompt, 8, temperature=0, compile=True))
+        took = compile_seconds(model)
+        print(f"compile: {took if took is not None else float('nan'):.1f}s (first compiled call {first:.1f}s)")
     if hf is not None:
         with torch.inference_mode():
             hf.generate(hf_ids, do_sample=False, max_new_tokens=8, eos_token_id=None, pad_token_id=0)
-    times: dict[str, list[float]] = {"cache": [], "no cache": [], "hf": []}
+    times: dict[str, list[float]] = {"cache": [], "no cache": [], "hf": [], "compiled": []}
     for r in range(args.rounds):
         times["cache"].append(timed(lambda: ours(True)))
+        if args.compile:
+            times["compiled"].append(timed(lambda: generate(model, prompt, args.new, temperature=0, compile=True)))
         if r < max(1, args.rounds // 2):  # the slow reference: fewer rounds are enough
             times["no cache"].append(timed(lambda: ours(False)))
         if hf is not None:
@@ -95,6 +126,19 @@ def bench(cfg: DIYConfig, args) -> dict[str, float]:
     print(f"  KV-cache speedup: {tps['cache'] / tps['no cache']:.1f}x (target >= 5x)")
     if "hf" in tps:
         print(f"  diyllm / HF generate: {tps['cache'] / tps['hf']:.2f}x (target >= 1.5x)")
+    if "compiled" in tps:
+        bw, wb = copy_bandwidth(), weight_bytes_per_token(model)
+        bound = bw / wb
+        tps["bound"] = bound
+        print(f"  memory-bandwidth bound: {wb / 1e6:.1f} MB of weights per token / {bw / 1e9:.1f} GB/s copy "
+              f"bandwidth = {bound:.0f} tokens/s; compiled reaches {100 * tps['compiled'] / bound:.0f}% "
+              "(target >= 50%)")
+        if "hf" in tps:
+            print(f"  compiled / HF generate: {tps['compiled'] / tps['hf']:.2f}x (target >= 3x)")
+        took = compile_seconds(model)
+        saved = 1 / tps["cache"] - 1 / tps["compiled"]  # seconds saved per token vs the eager cached path
+        if took is not None and saved > 0:
+            print(f"  compile {took:.1f}s, paid back after {took / saved:,.0f} new tokens (vs eager KV cache)")
     return tps
 
 
@@ -107,6 +151,7 @@ def main() -> None:
     p.add_argument("--threads", type=int, default=0, help="torch threads (0: torch's default)")
     p.add_argument("--quick", action="store_true")
     p.add_argument("--no-hf", action="store_true", help="skip the transformers comparison")
+    p.add_argument("--no-compile", dest="compile", action="store_false", help="skip compiled decoding")
     args = p.parse_args()
     if args.threads:
         torch.set_num_threads(args.threads)
@@ -122,8 +167,13 @@ def main() -> None:
     summary = []
     for name, r in results.items():
         vs_hf = f", vs HF {r['cache'] / r['hf']:.2f}x" if "hf" in r else ""
-        summary.append(f"{name}: cache {r['cache'] / r['no cache']:.1f}x{vs_hf}")
-    print("\nsummary: " + "; ".join(summary) + " (targets: cache >= 5x, vs HF >= 1.5x)")
+        compiled = ""
+        if "compiled" in r:
+            compiled = f", compiled {100 * r['compiled'] / r['bound']:.0f}% of bound"
+            compiled += f" and {r['compiled'] / r['hf']:.2f}x HF" if "hf" in r else ""
+        summary.append(f"{name}: cache {r['cache'] / r['no cache']:.1f}x{vs_hf}{compiled}")
+    print("\nsummary: " + "; ".join(summary) + " (targets: cache >= 5x, vs HF >= 1.5x; compiled >= 3x HF, "
+          ">= 50% of bound)")
 
 
 if __name__ == "__main__":

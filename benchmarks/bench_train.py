@@ -3,6 +3,12 @@
     python benchmarks/bench_train.py                 # both shapes, float32, CPU, torch's thread count
     python benchmarks/bench_train.py --rounds 9 --steps 5
     python benchmarks/bench_train.py --compile       # also both models under torch.compile (needs a C compiler)
+    NANOGPT_SRC=~/src/nanoGPT python benchmarks/bench_train.py   # also nanoGPT's GPT (model.py of a checkout)
+
+One training step = forward + backward + global grad-norm clip at 1.0 + optimizer step + zero_grad.
+With NANOGPT_SRC (a nanoGPT checkout, never vendored) its model.py's GPT joins on the same shapes (its own
+LayerNorm/GELU block with biases, n_embd/n_layer/n_head, dropout 0) with its configure_optimizers AdamW,
+and the ratio diyllm / nanoGPT is printed too (issue 19's per-step parity target: >= 1.0x on both shapes).
 
 One training step = forward + backward + optimizer step + zero_grad(set_to_none=True), on identical
 shapes (vocab 65; d_model 128 x 4 layers x 4 heads, d_ff 344, context 64, batch 12; and d_model 384 x 6
@@ -15,6 +21,7 @@ so a busy shared CPU slows both alike. The ratio printed is diyllm tokens/s over
 from __future__ import annotations
 
 import argparse
+import os
 import statistics
 import time
 
@@ -29,7 +36,7 @@ VOCAB = 65
 
 def diy_step_fn(shape: dict, compile: bool = False):
     from diyllm.model import DIYConfig, DIYForCausalLM
-    from diyllm.training.optim import AdamW
+    from diyllm.training.optim import AdamW, clip_grad_norm_
     from diyllm.training.trainer import optimizer_groups
 
     model = DIYForCausalLM(DIYConfig(vocab_size=VOCAB, context_length=shape["context"], d_model=shape["d_model"],
@@ -41,6 +48,7 @@ def diy_step_fn(shape: dict, compile: bool = False):
     def step(x, y):
         loss = forward(x, targets=y).loss
         loss.backward()
+        clip_grad_norm_(model.parameters(), 1.0)
         opt.step()
         opt.zero_grad(set_to_none=True)
         return loss
@@ -63,6 +71,29 @@ def hf_step_fn(shape: dict, compile: bool = False):
     def step(x, y):
         loss = forward(input_ids=x, labels=x).loss  # HF shifts labels itself
         loss.backward()
+        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+        return loss
+
+    return step, sum(p.numel() for p in model.parameters())
+
+
+def nanogpt_step_fn(shape: dict, src: str):
+    """nanoGPT's GPT and optimizer, imported from the checkout at `src` (its model.py, run as is)."""
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location("nanogpt_model", os.path.join(src, "model.py"))
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    model = mod.GPT(mod.GPTConfig(block_size=shape["context"], vocab_size=VOCAB, n_layer=shape["num_layers"],
+                                  n_head=shape["num_heads"], n_embd=shape["d_model"], dropout=0.0)).train()
+    opt = model.configure_optimizers(0.1, 1e-3, (0.9, 0.99), "cpu")
+
+    def step(x, y):
+        _, loss = model(x, y)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
         opt.step()
         opt.zero_grad(set_to_none=True)
         return loss
@@ -82,6 +113,8 @@ def bench(name: str, shape: dict, rounds: int, steps: int, compile: bool = False
     x = torch.randint(0, VOCAB, (shape["batch"], shape["context"]))
     y = torch.roll(x, -1, dims=1)
     runners = {"diyllm": diy_step_fn(shape), "hf": hf_step_fn(shape)}
+    if os.environ.get("NANOGPT_SRC"):
+        runners["nanogpt"] = nanogpt_step_fn(shape, os.path.expanduser(os.environ["NANOGPT_SRC"]))
     if compile:
         runners |= {"diyllm+compile": diy_step_fn(shape, compile=True), "hf+compile": hf_step_fn(shape, compile=True)}
     for step, _ in runners.values():  # warm-up: allocator, kernels, optimizer state (and compilation)
@@ -100,6 +133,8 @@ def bench(name: str, shape: dict, rounds: int, steps: int, compile: bool = False
               f"(min {1000 * min(times[k]):.1f}, max {1000 * max(times[k]):.1f})")
     ratio = med["hf"] / med["diyllm"]
     print(f"  diyllm / HF throughput: {ratio:.2f}x")
+    if "nanogpt" in med:
+        print(f"  diyllm / nanoGPT throughput: {med['nanogpt'] / med['diyllm']:.2f}x (target >= 1.0x)")
     if compile:
         print(f"  compiled: diyllm / HF {med['hf+compile'] / med['diyllm+compile']:.2f}x, "
               f"diyllm compiled / HF eager {med['hf'] / med['diyllm+compile']:.2f}x")

@@ -4,6 +4,7 @@ Examples:
   diyllm sample --ckpt out/shakespeare_char/best.pt --prompt "ROMEO:" --max_new_tokens 300
   diyllm sample --ckpt out/run --num_samples 3 --temperature 0.8 --top_k 50 --seed 1
   diyllm sample --ckpt out/run --prompt "def " --temperature 0 --no_cache      # greedy, reference path
+  diyllm sample --ckpt out/run --max_new_tokens 2000 --compile                 # compiled decode step
 
 One sample is streamed to the terminal as it is produced; several are generated as one batch and printed
 one after another. Throughput (new tokens per second) goes to stderr.
@@ -33,6 +34,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--stop", action="append", default=[], help="stop string (repeatable)")
     parser.add_argument("--seed", type=int, default=None)
     parser.add_argument("--no_cache", action="store_true", help="re-run the whole prefix each step (reference)")
+    parser.add_argument("--compile", action="store_true",
+                        help="static KV cache + torch.compile'd decode step (one-off compile, then faster)")
     parser.add_argument("--context", choices=("slide", "stop"), default="slide",
                         help="when the context window is full: drop the oldest tokens or stop")
     parser.add_argument("--device", default="auto", help="auto, cpu, cuda, mps")
@@ -80,6 +83,8 @@ def run(args: argparse.Namespace) -> int:
     from diyllm.training.device import resolve_device
 
     _check_options(args)
+    if args.compile and args.no_cache:
+        raise UserError("--compile decodes with a static KV cache; drop --no_cache (or --compile)")
     model, tokenizer, _ = load_model(args.ckpt, device=resolve_device(args.device))
     if tokenizer is None:
         raise UserError(f"{args.ckpt} holds no tokenizer, so text cannot be encoded; retrain with `diyllm train`")
@@ -90,7 +95,7 @@ def run(args: argparse.Namespace) -> int:
                         "--context stop keeps every prompt token; shorten it or use --context slide")
     options = dict(temperature=args.temperature, top_k=args.top_k, top_p=args.top_p,
                    repetition_penalty=args.repetition_penalty, seed=args.seed, use_cache=not args.no_cache,
-                   context=args.context, vocab_limit=tokenizer.vocab_size)
+                   context=args.context, vocab_limit=tokenizer.vocab_size, compile=args.compile)
     eot = getattr(tokenizer, "eot_id", None)
     stop_ids = [eot] if eot is not None else []
     if args.seed is not None:
@@ -127,6 +132,12 @@ def run(args: argparse.Namespace) -> int:
     sys.stdout.flush()  # the text first, then the notes on stderr
     for w in caught:
         print(f"note: {w.message}", file=sys.stderr)
+    mode = "no cache" if args.no_cache else "KV cache"
+    if args.compile:
+        from diyllm.generation.compiled import compile_seconds
+
+        took = compile_seconds(model)
+        mode = f"compiled, {took:.1f}s of it compiling" if took is not None else "compile unavailable, eager"
     print(f"[{num_tokens} new tokens in {elapsed:.2f}s: {num_tokens / max(elapsed, 1e-9):.1f} tokens/s, "
-          f"{'no cache' if args.no_cache else 'KV cache'}]", file=sys.stderr)
+          f"{mode}]", file=sys.stderr)
     return 0

@@ -83,25 +83,35 @@ def iter_steps(
     use_cache: bool = True,
     context: str = "slide",
     vocab_limit: int | None = None,
+    compile: bool = False,
 ) -> Iterator[DecodeStep]:
     """The decoding loop itself: yields one `DecodeStep` per new token (for the whole batch).
 
     `generate` and `stream` are thin wrappers; use this when you need the logits (tests, analysis).
     The model is put in eval mode for the duration and restored afterwards. `vocab_limit` (usually the
     tokenizer's vocab size) forbids ids >= it: a model whose embedding is larger than its tokenizer (a
-    padded vocab_size) must never emit an id that has no text.
+    padded vocab_size) must never emit an id that has no text. `compile=True` decodes with a static KV
+    cache and a torch.compile'd step (generation/compiled.py): same tokens, faster after a one-off compile.
     """
     prompts, _ = _as_batch(prompt_ids)
     if context not in CONTEXT_MODES:
         raise ValueError(f"context={context!r} must be one of {CONTEXT_MODES}")
     if repetition_penalty <= 0:
         raise ValueError(f"repetition_penalty must be > 0, got {repetition_penalty}")
+    if compile and not use_cache:
+        raise ValueError("compile=True decodes with a static KV cache; it cannot be combined with use_cache=False")
     if max_new_tokens <= 0:
         return
     was_training = model.training
     model.eval()
     try:
         with frozen_fused_weights(model):  # stack q|k|v and w1|w3 once, not at every step
+            if compile:
+                from diyllm.generation.compiled import decode_compiled
+
+                yield from decode_compiled(model, prompts, max_new_tokens, temperature, top_k, top_p,
+                                           repetition_penalty, tuple(stop_ids), seed, context, vocab_limit)
+                return
             yield from _decode(model, prompts, max_new_tokens, temperature, top_k, top_p, repetition_penalty,
                                tuple(stop_ids), seed, use_cache, context, vocab_limit)
     finally:
@@ -212,16 +222,18 @@ def generate(
     use_cache: bool = True,
     context: str = "slide",
     vocab_limit: int | None = None,
+    compile: bool = False,
 ) -> list[list[int]]:
     """Generate up to `max_new_tokens` after each prompt; returns the new ids of every row.
 
     `prompt_ids` is one prompt (list of ids) or a batch (list of lists, any lengths). A row ends at its
     first id in `stop_ids`, which is not included in the result. temperature=0 is greedy decoding;
-    `seed` makes sampling reproducible (same seed, same prompts, same samples).
+    `seed` makes sampling reproducible (same seed, same prompts, same samples). `compile=True`: see
+    `iter_steps` (a one-off compile per process, then a faster step).
     """
     prompts, _ = _as_batch(prompt_ids)
     steps = iter_steps(model, prompts, max_new_tokens, temperature, top_k, top_p, repetition_penalty, stop_ids,
-                       seed, use_cache, context, vocab_limit)
+                       seed, use_cache, context, vocab_limit, compile)
     # Collect on the device and convert once at the end: no host sync per token.
     collected = [s.tokens for s in steps]
     if not collected:
@@ -248,6 +260,7 @@ def stream(
     use_cache: bool = True,
     context: str = "slide",
     vocab_limit: int | None = None,
+    compile: bool = False,
 ) -> Iterator[int] | Iterator[list[int | None]]:
     """Like `generate`, but yields tokens as soon as they are produced.
 
@@ -257,7 +270,7 @@ def stream(
     prompts, single = _as_batch(prompt_ids)
     stops = set(stop_ids)
     steps = iter_steps(model, prompts, max_new_tokens, temperature, top_k, top_p, repetition_penalty, stop_ids,
-                       seed, use_cache, context, vocab_limit)
+                       seed, use_cache, context, vocab_limit, compile)
     for s in steps:
         tokens, finished = s.tokens.tolist(), s.finished.tolist()
         if single:

@@ -85,6 +85,12 @@ def diy_to_hf_config(
     RoPE is written both the transformers-4 way (rope_theta, rope_scaling) and the transformers-5 way
     (rope_parameters), and the dtype both as torch_dtype and dtype, so either major version reads it.
     """
+    # issue 19's speedrun options have no Llama equivalent: refuse rather than export a different model.
+    not_llama = [f"{k}={v!r}" for k, v in (("qk_norm", cfg.qk_norm), ("mlp", cfg.mlp),
+                 ("logit_softcap", cfg.logit_softcap)) if v not in (False, "swiglu", 0.0)]
+    if not_llama:
+        raise UserError(f"this model uses {', '.join(not_llama)}, which a Hugging Face Llama cannot express; "
+                        "export needs the plain Llama block (qk_norm=false, mlp=\"swiglu\", logit_softcap=0)")
     dtype_name = str(dtype).removeprefix("torch.")
     return {
         "architectures": [HF_ARCHITECTURE],

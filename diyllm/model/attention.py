@@ -16,7 +16,7 @@ from torch import nn
 
 from diyllm.model.config import DIYConfig
 from diyllm.model.kv_cache import KVCache
-from diyllm.model.layers import Linear, fused_weight
+from diyllm.model.layers import Linear, fused_weight, rms_normalize
 from diyllm.model.rope import RotaryEmbedding, apply_rotary
 
 # enable_gqa (query heads sharing k/v heads without copying them) arrived in torch 2.5.
@@ -94,6 +94,7 @@ class CausalSelfAttention(nn.Module):
         self.num_heads, self.num_kv_heads, self.head_dim = config.num_heads, config.num_kv_heads, config.head_dim
         self.attn_impl, self.fused = config.attn_impl, config.fused_projections
         self.dropout = config.dropout
+        self.qk_norm = config.qk_norm
         d = config.d_model
         self.q_proj = Linear(d, self.num_heads * self.head_dim)
         self.k_proj = Linear(d, self.num_kv_heads * self.head_dim)
@@ -129,12 +130,16 @@ class CausalSelfAttention(nn.Module):
         if wqkv is not None:
             qkv = (x @ wqkv.t()).view(B, T, H + 2 * Hkv, D)
             qk, v = qkv[:, :, : H + Hkv], qkv[:, :, H + Hkv :]
+            if self.qk_norm:  # per head, before RoPE (a rotation keeps the norm anyway)
+                qk = rms_normalize(qk)
             if rotary is not None:  # q and k side by side: one rotation for both
                 qk = apply_rotary(qk, *rotary)
             q, k = qk[:, :, :H], qk[:, :, H:]
         else:
             q, k = self.q_proj(x).view(B, T, H, D), self.k_proj(x).view(B, T, Hkv, D)
             v = self.v_proj(x).view(B, T, Hkv, D)
+            if self.qk_norm:
+                q, k = rms_normalize(q), rms_normalize(k)
             if rotary is not None:
                 q, k = apply_rotary(q, *rotary), apply_rotary(k, *rotary)
         q, k, v = q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2)  # (B, heads, T, D)

@@ -7,6 +7,7 @@ from dataclasses import asdict, dataclass, fields
 from typing import Any
 
 ATTN_IMPLS = ("sdpa", "diy")
+MLPS = ("swiglu", "relu2")
 
 
 def default_d_ff(d_model: int) -> int:
@@ -34,12 +35,17 @@ class DIYConfig:
     # One matmul for q|k|v and for w1|w3 (same weights, same keys): True, False, or None = on GPU only.
     fused_projections: bool | None = None
     init_std: float | None = None  # None: per-layer init (see layers.py); a float: GPT-2 style N(0, std)
+    # --- issue 19: speedrun options; the defaults are the plain Llama block (same state_dict keys) ---
+    qk_norm: bool = False  # RMS-normalise q and k per head (no weights) before RoPE: bounded attention logits
+    mlp: str = "swiglu"  # swiglu | relu2: w2(relu(w1·x)²), two matrices (w1, w2), d_ff default 4·d_model
+    zero_init_proj: bool = False  # attention output_proj and MLP w2 start at 0: each block starts as the identity
+    logit_softcap: float = 0.0  # > 0: logits = c·tanh(logits / c), so no logit exceeds c (0: off)
 
     def __post_init__(self) -> None:
         if self.num_kv_heads is None:
             self.num_kv_heads = self.num_heads
         if self.d_ff is None:
-            self.d_ff = default_d_ff(self.d_model)
+            self.d_ff = 4 * self.d_model if self.mlp == "relu2" else default_d_ff(self.d_model)
         problems = []
         for name in ("vocab_size", "context_length", "d_model", "num_layers", "num_heads", "num_kv_heads", "d_ff"):
             if int(getattr(self, name)) <= 0:
@@ -54,6 +60,10 @@ class DIYConfig:
                     f"num_heads={self.num_heads} must be a multiple of num_kv_heads={self.num_kv_heads} "
                     "(grouped-query attention shares each k/v head among num_heads/num_kv_heads query heads)"
                 )
+        if self.mlp not in MLPS:
+            problems.append(f"mlp={self.mlp!r} must be one of {MLPS}")
+        if not self.logit_softcap >= 0:
+            problems.append(f"logit_softcap={self.logit_softcap} must be >= 0 (0: off)")
         if self.attn_impl not in ATTN_IMPLS:
             problems.append(f"attn_impl={self.attn_impl!r} must be one of {ATTN_IMPLS}")
         if not 0.0 <= self.dropout < 1.0:

@@ -54,3 +54,51 @@ class KVCache:
 
     def reset(self) -> None:
         self.length = 0
+
+
+class StaticKVCache:
+    """A KV cache whose every tensor keeps one shape and one address, for a compiled decode step.
+
+    `KVCache` returns a growing slice of its buffers, so each decode step has new shapes (a compiled
+    graph would be rebuilt, or made dynamic). Here attention always reads the whole (max_len) buffer and
+    the caller says, in tensors, which columns to write (`index`), which are visible (`visible`, (B,
+    max_len) bool) and the RoPE positions; the Python object never changes between steps. `length`
+    stays 0 and `advance` does nothing: the model's host-side bookkeeping is not used (the caller passes
+    positions and the attention mask explicitly, which the model requires with this cache).
+    """
+
+    length = 0
+
+    def __init__(self, num_layers: int, batch_size: int, num_kv_heads: int, head_dim: int, max_len: int,
+                 device: torch.device | str = "cpu", dtype: torch.dtype = torch.float32):
+        shape = (num_layers, batch_size, num_kv_heads, max_len, head_dim)
+        self.k = torch.zeros(shape, device=device, dtype=dtype)
+        self.v = torch.zeros(shape, device=device, dtype=dtype)
+        self._k_layers, self._v_layers = self.k.unbind(0), self.v.unbind(0)
+        self.max_len, self.batch_size = max_len, batch_size
+        self.index = torch.zeros(1, dtype=torch.long, device=device)  # the column(s) the next forward writes
+        self.visible = torch.zeros(batch_size, max_len, dtype=torch.bool, device=device)
+
+    @classmethod
+    def for_model(cls, model, batch_size: int, max_len: int | None = None, dtype: torch.dtype | None = None):
+        c = model.config
+        param = next(model.parameters())
+        return cls(c.num_layers, batch_size, c.num_kv_heads, c.head_dim, max_len or c.context_length,
+                   device=param.device, dtype=dtype or param.dtype)
+
+    def tensors(self) -> list[torch.Tensor]:
+        """Every tensor a compiled step reads or writes (for torch._dynamo.mark_static_address)."""
+        return [self.k, self.v, self.index, self.visible]
+
+    def update(self, layer_idx: int, k: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Write k/v (B, Hkv, T, D) at columns `index` (T of them); return the whole buffers."""
+        k_all, v_all = self._k_layers[layer_idx], self._v_layers[layer_idx]
+        k_all.index_copy_(2, self.index, k)
+        v_all.index_copy_(2, self.index, v)
+        return k_all, v_all
+
+    def advance(self, num_tokens: int) -> None:
+        """Nothing to count on the host: the caller moves `index` and `visible`."""
+
+    def reset(self) -> None:
+        self.visible.zero_()

@@ -110,6 +110,13 @@ class RMSNorm(nn.Module):
         return y if y.dtype == in_dtype else y.to(in_dtype)
 
 
+def rms_normalize(x: torch.Tensor, eps: float = 1e-6) -> torch.Tensor:
+    """x / sqrt(mean(x²) + eps) over the last dimension, without a gain (RMSNorm's weight-free core)."""
+    xf = x if x.dtype in (torch.float32, torch.float64) else x.float()
+    y = xf * torch.rsqrt((xf * xf).mean(dim=-1, keepdim=True) + eps)
+    return y if y.dtype == x.dtype else y.to(x.dtype)
+
+
 def silu(x: torch.Tensor) -> torch.Tensor:
     """x·σ(x): a smooth ReLU that lets a little negative signal (and gradient) through."""
     return x * torch.sigmoid(x)
@@ -140,6 +147,22 @@ class SwiGLU(nn.Module):
         else:
             gate, up = self.w1(x), self.w3(x)
         return self.w2(silu(gate) * up)
+
+
+class ReluSquaredMLP(nn.Module):
+    """w2(relu(w1 x)²): two matrices instead of SwiGLU's three. Squaring keeps ReLU's sparsity but makes
+    the unit's output grow smoothly from 0 (modded-nanogpt's speedrun found it learns faster than GELU)."""
+
+    fused = False  # nothing to stack
+
+    def __init__(self, d_model: int, d_ff: int, device=None, dtype=None):
+        super().__init__()
+        self.w1 = Linear(d_model, d_ff, device=device, dtype=dtype)
+        self.w2 = Linear(d_ff, d_model, device=device, dtype=dtype)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        h = torch.relu(self.w1(x))
+        return self.w2(h * h)
 
 
 def fused_weight(module: nn.Module) -> torch.Tensor | None:

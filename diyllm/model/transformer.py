@@ -18,7 +18,7 @@ from torch import nn
 from diyllm.model.attention import CausalSelfAttention, RotaryAngles, rotary_for
 from diyllm.model.config import DIYConfig
 from diyllm.model.kv_cache import KVCache
-from diyllm.model.layers import Embedding, Linear, RMSNorm, SwiGLU
+from diyllm.model.layers import Embedding, Linear, ReluSquaredMLP, RMSNorm, SwiGLU
 from diyllm.model.loss import cross_entropy
 from diyllm.model.rope import RotaryEmbedding
 
@@ -49,7 +49,10 @@ class TransformerBlock(nn.Module):
         self.ln1 = RMSNorm(config.d_model, eps=config.norm_eps)
         self.attn = CausalSelfAttention(config, rope)
         self.ln2 = RMSNorm(config.d_model, eps=config.norm_eps)
-        self.ffn = SwiGLU(config.d_model, config.d_ff, fused=config.fused_projections)
+        if config.mlp == "relu2":
+            self.ffn = ReluSquaredMLP(config.d_model, config.d_ff)
+        else:
+            self.ffn = SwiGLU(config.d_model, config.d_ff, fused=config.fused_projections)
         self.dropout = config.dropout
 
     def forward(
@@ -78,6 +81,10 @@ class DIYForCausalLM(nn.Module):
         self.lm_head = Linear(config.d_model, config.vocab_size)
         if config.init_std is not None:
             self._init_gpt2_style(config.init_std)
+        if config.zero_init_proj:
+            for layer in self.layers:
+                nn.init.zeros_(layer.attn.output_proj.weight)
+                nn.init.zeros_(layer.ffn.w2.weight)
         if config.tie_embeddings:
             # One matrix both reads tokens in and scores them out. An N(0, 1) embedding would give
             # logits of std √d_model, so the shared matrix takes the output layer's small init.
@@ -120,6 +127,9 @@ class DIYForCausalLM(nn.Module):
         if last_logits_only:
             x = x[:, -1:]
         logits = self.lm_head(x)
+        if self.config.logit_softcap:  # smooth clamp to (-c, c): confident logits stop growing
+            cap = self.config.logit_softcap
+            logits = cap * torch.tanh(logits / cap)
         loss = None if targets is None else cross_entropy(logits, targets, loss_mask=loss_mask)
         return CausalLMOutput(logits, loss)
 

@@ -15,7 +15,7 @@ from torch import nn
 from diyllm.errors import UserError
 from diyllm.model import DIYConfig
 from diyllm.training.config import TrainConfig
-from diyllm.training.optim import AdamW
+from diyllm.training.optim import AdamW, muon_optimizer
 from diyllm.training.resume import SHAPE_FIELDS
 
 CUBLAS_DETERMINISTIC = ":4096:8"  # cuBLAS's documented workspace setting for reproducible results
@@ -61,7 +61,9 @@ def model_config_from(cfg: TrainConfig, vocab_size: int) -> DIYConfig:
                          num_layers=cfg.num_layers, num_heads=cfg.num_heads, num_kv_heads=cfg.num_kv_heads,
                          d_ff=cfg.d_ff, rope_theta=cfg.rope_theta, norm_eps=cfg.norm_eps, dropout=cfg.dropout,
                          tie_embeddings=cfg.tie_embeddings, attn_impl=cfg.attn_impl,
-                         fused_projections=cfg.fused_projections, init_std=cfg.init_std)
+                         fused_projections=cfg.fused_projections, init_std=cfg.init_std,
+                         qk_norm=cfg.qk_norm, mlp=cfg.mlp, zero_init_proj=cfg.zero_init_proj,  # issue 19
+                         logit_softcap=cfg.logit_softcap)
     except ValueError as exc:
         raise UserError(str(exc)) from exc
 
@@ -91,7 +93,9 @@ def optimizer_groups(model: nn.Module, weight_decay: float) -> list[dict]:
     return [{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
 
 
-def build_optimizer(cfg: TrainConfig, model: nn.Module) -> AdamW:
+def build_optimizer(cfg: TrainConfig, model: nn.Module) -> torch.optim.Optimizer:
+    if cfg.optimizer == "muon":  # issue 19: Muon on the hidden matrices, AdamW on the rest
+        return muon_optimizer(cfg, model, optimizer_groups(model, cfg.weight_decay))
     return AdamW(optimizer_groups(model, cfg.weight_decay), lr=cfg.learning_rate, betas=(cfg.beta1, cfg.beta2),
                  eps=cfg.eps, foreach=True)
 

@@ -133,6 +133,19 @@ class TrainConfig:
     eval_tasks_limit: int = 100  # the first N items of each task, the same ones every time
     eval_tasks_shots: int = 0
     eval_tasks_data_dir: str = ""  # DIR/<task>/<split>.jsonl; "": the download cache
+    # --- issue 19: optimizer choice and Muon (training/optim.py) ---
+    optimizer: str = "adamw"  # adamw | muon: Muon on the 2-D hidden matrices, AdamW (keys above) on the rest
+    muon_lr: float = 0.02  # Muon's peak lr; follows learning_rate's warmup/decay (scaled by muon_lr/learning_rate)
+    muon_momentum: float = 0.95
+    muon_nesterov: bool = True
+    muon_ns_steps: int = 5  # Newton-Schulz iterations
+    muon_weight_decay: float = 0.0  # decoupled, on the Muon matrices (weight_decay covers the AdamW ones)
+    muon_adjust_lr: str = "original"  # original: x√max(1, rows/cols) | match_rms_adamw: x0.2√max(rows, cols) | none
+    # model options of the speedrun (model/config.py DIYConfig; defaults = the plain Llama block)
+    qk_norm: bool = False  # RMS-normalise q and k per head before RoPE
+    mlp: str = "swiglu"  # swiglu | relu2 (w2(relu(w1·x)²); d_ff default 4·d_model)
+    zero_init_proj: bool = False  # attention output and MLP w2 matrices start at 0
+    logit_softcap: float = 0.0  # > 0: logits = c·tanh(logits / c)
 
     # ---------------------------------------------------------------------------------------------
     def validate(self) -> TrainConfig:
@@ -175,6 +188,16 @@ class TrainConfig:
              f"batch_sampling={self.batch_sampling!r} must be random or doc_aligned")
         need(self.parallelism in ("ddp", "fsdp"), f"parallelism={self.parallelism!r} must be ddp or fsdp")
         need(self.fsdp_replicas >= 1, f"fsdp_replicas must be >= 1 (got {self.fsdp_replicas})")
+        # --- issue 19 ---
+        need(self.optimizer in ("adamw", "muon"), f"optimizer={self.optimizer!r} must be adamw or muon")
+        need(self.muon_lr > 0 and math.isfinite(self.muon_lr), "muon_lr must be a finite value > 0")
+        need(0 <= self.muon_momentum < 1, f"muon_momentum={self.muon_momentum} must be in [0, 1)")
+        need(self.muon_ns_steps >= 1, f"muon_ns_steps={self.muon_ns_steps} must be >= 1")
+        need(self.muon_weight_decay >= 0, "muon_weight_decay must be >= 0")
+        need(self.muon_adjust_lr in ("original", "match_rms_adamw", "none"),
+             f"muon_adjust_lr={self.muon_adjust_lr!r} must be original, match_rms_adamw or none")
+        need(self.mlp in ("swiglu", "relu2"), f"mlp={self.mlp!r} must be swiglu or relu2")
+        need(self.logit_softcap >= 0, f"logit_softcap={self.logit_softcap} must be >= 0 (0: off)")
         if self.init_from.startswith("hf:"):
             need(os.path.isdir(self.init_from[3:]),
                  f"init_from={self.init_from!r}: {self.init_from[3:]!r} is not a folder (hf:DIR names a local "

@@ -1,4 +1,4 @@
-"""AdamW and gradient clipping, written out.
+"""AdamW, Muon and gradient clipping, written out.
 
 AdamW keeps, per parameter, running means of the gradient (m) and of its square (v); the step is
 m̂ / (√v̂ + eps), i.e. each coordinate is scaled by its own recent gradient size. Weight decay is
@@ -40,21 +40,25 @@ class AdamW(torch.optim.Optimizer):
             with torch.enable_grad():
                 loss = closure()
         for group in self.param_groups:
-            params = [p for p in group["params"] if p.grad is not None]
-            if not params:
-                continue
-            for p in params:
-                state = self.state[p]
-                if not state:
-                    state["step"] = 0
-                    state["exp_avg"] = torch.zeros_like(p, memory_format=torch.preserve_format)
-                    state["exp_avg_sq"] = torch.zeros_like(p, memory_format=torch.preserve_format)
-                state["step"] += 1
-            if group["foreach"]:
-                self._step_foreach(group, params)
-            else:
-                self._step_loop(group, params)
+            self._adamw_group(group)
         return loss
+
+    def _adamw_group(self, group: dict) -> None:
+        """One AdamW step for the parameters of `group` that have a gradient."""
+        params = [p for p in group["params"] if p.grad is not None]
+        if not params:
+            return
+        for p in params:
+            state = self.state[p]
+            if not state:
+                state["step"] = 0
+                state["exp_avg"] = torch.zeros_like(p, memory_format=torch.preserve_format)
+                state["exp_avg_sq"] = torch.zeros_like(p, memory_format=torch.preserve_format)
+            state["step"] += 1
+        if group["foreach"]:
+            self._step_foreach(group, params)
+        else:
+            self._step_loop(group, params)
 
     def _step_loop(self, group: dict, params: list[torch.Tensor]) -> None:
         """The readable version: one parameter at a time."""
@@ -91,6 +95,167 @@ class AdamW(torch.optim.Optimizer):
             torch._foreach_addcdiv_(ps, ms, denom, value=-lr / (1 - beta1**t))
 
 
+# ---- Muon ------------------------------------------------------------------------------------------
+# Keller Jordan's quintic Newton-Schulz coefficients (also torch.optim.Muon's defaults): chosen to make
+# the polynomial's slope at 0 as steep as possible, so 5 steps push every singular value into ~[0.7, 1.2].
+NS_COEFFICIENTS = (3.4445, -4.7750, 2.0315)
+ADJUST_LR_FNS = ("original", "match_rms_adamw", "none")
+
+
+def newton_schulz_orthogonalize(
+    g: torch.Tensor,
+    steps: int = 5,
+    coefficients: tuple[float, float, float] = NS_COEFFICIENTS,
+    eps: float = 1e-7,
+    dtype: torch.dtype = torch.bfloat16,
+) -> torch.Tensor:
+    """Approximately U·Vᵀ for g = U·S·Vᵀ: the same directions with every singular value set near 1.
+
+    X ← a·X + (b·A + c·A²)·X with A = X·Xᵀ applies the odd polynomial a·s + b·s³ + c·s⁵ to each singular
+    value s. Dividing by the Frobenius norm first puts every s in [0, 1], where the polynomial pushes it
+    up towards 1. Working on the wide orientation keeps A = X·Xᵀ the small square. bfloat16 is enough
+    (the result is only a direction) and is what the reference implementations use.
+    """
+    if g.dim() != 2:
+        raise ValueError(f"Newton-Schulz needs a matrix, got shape {tuple(g.shape)}")
+    a, b, c = coefficients
+    x = g.to(dtype)
+    tall = g.shape[0] > g.shape[1]
+    if tall:
+        x = x.T
+    x = x / x.norm().clamp(min=eps)
+    for _ in range(steps):
+        gram = x @ x.T
+        poly = torch.addmm(gram, gram, gram, beta=b, alpha=c)  # b·A + c·A²
+        x = torch.addmm(x, poly, x, beta=a)  # a·X + poly·X
+    return x.T if tall else x
+
+
+def muon_lr_ratio(shape: torch.Size | tuple[int, ...], adjust_lr_fn: str) -> float:
+    """How much a (rows, cols) matrix's step is scaled, so updates of different shapes compare.
+
+    original: √max(1, rows/cols) (Keller Jordan's: an orthogonal tall matrix has a smaller RMS).
+    match_rms_adamw: 0.2·√max(rows, cols) (Moonshot's: the update's RMS matches AdamW's typical 0.2, so
+    AdamW's learning rate and weight decay can be reused). none: 1.
+    """
+    rows, cols = shape[0], shape[1]
+    if adjust_lr_fn == "original":
+        return math.sqrt(max(1.0, rows / cols))
+    if adjust_lr_fn == "match_rms_adamw":
+        return 0.2 * math.sqrt(max(rows, cols))
+    if adjust_lr_fn == "none":
+        return 1.0
+    raise ValueError(f"adjust_lr_fn={adjust_lr_fn!r} must be one of {ADJUST_LR_FNS}")
+
+
+def _whole_matrix(t: torch.Tensor) -> torch.Tensor:
+    """The full matrix of a sharded (FSDP2 DTensor) tensor; a plain tensor as it is. Newton-Schulz mixes
+    every row with every other, so it cannot run shard by shard."""
+    return t.full_tensor() if hasattr(t, "full_tensor") else t
+
+
+def _like(full: torch.Tensor, ref: torch.Tensor) -> torch.Tensor:
+    """`full` laid out like `ref`: re-sharded when ref is a DTensor. Every rank computed the same full
+    matrix, so each keeps its own shard without communication (src_data_rank=None, torch >= 2.6)."""
+    if not hasattr(ref, "full_tensor"):
+        return full
+    from torch.distributed.tensor import distribute_tensor
+
+    try:
+        return distribute_tensor(full, ref.device_mesh, ref.placements, src_data_rank=None)
+    except TypeError:  # older torch: scatter from rank 0 (same values, one extra collective)
+        return distribute_tensor(full, ref.device_mesh, ref.placements)
+
+
+class Muon(AdamW):
+    """Muon (MomentUm Orthogonalized by Newton-Schulz) for 2-D hidden matrices, AdamW for the rest.
+
+    Per matrix: the momentum buffer is an EMA of the gradient (B ← μ·B + (1-μ)·g); Nesterov looks one
+    step ahead (u = (1-μ)·g + μ·B); u is orthogonalised (`newton_schulz_orthogonalize`), so every
+    direction of the update moves by the same amount whatever the gradient's spectrum; then decoupled
+    weight decay p ← p·(1 - lr·λ) and p ← p - lr·ratio·O (`muon_lr_ratio`). This is torch.optim.Muon's
+    arithmetic (tests compare the two).
+
+    Groups with `use_muon=False` take AdamW's update (betas, eps, weight_decay as in AdamW), so one
+    optimizer, one state_dict and one checkpoint entry hold both: embeddings, the output head and the
+    norm gains must stay on AdamW (a lookup table or a classifier is not a "hidden" linear map, and a
+    vector cannot be orthogonalised). `lr_scale` multiplies a group's scheduled `lr` (the trainer sets
+    every group's lr from one schedule; Muon's own peak lr is learning_rate·lr_scale).
+    """
+
+    def __init__(
+        self,
+        params: Iterable[torch.nn.Parameter] | Iterable[dict],
+        lr: float = 1e-3,
+        weight_decay: float = 0.1,
+        momentum: float = 0.95,
+        nesterov: bool = True,
+        ns_coefficients: tuple[float, float, float] = NS_COEFFICIENTS,
+        eps: float = 1e-7,
+        ns_steps: int = 5,
+        adjust_lr_fn: str = "original",
+        ns_dtype: torch.dtype = torch.bfloat16,
+        betas: tuple[float, float] = (0.9, 0.999),
+        adamw_eps: float = 1e-8,
+        foreach: bool = True,
+    ):
+        if not 0.0 <= momentum < 1.0:
+            raise ValueError(f"invalid momentum {momentum}: must be in [0, 1)")
+        if ns_steps < 1:
+            raise ValueError(f"ns_steps must be >= 1, got {ns_steps}")
+        muon_lr_ratio((1, 1), adjust_lr_fn)  # validates the name
+        super().__init__(params, lr=lr, betas=betas, eps=adamw_eps, weight_decay=weight_decay, foreach=foreach)
+        extra = dict(use_muon=True, lr_scale=1.0, momentum=momentum, nesterov=nesterov,
+                     ns_coefficients=tuple(ns_coefficients), ns_eps=eps, ns_steps=ns_steps,
+                     adjust_lr_fn=adjust_lr_fn, ns_dtype=ns_dtype)
+        for key, value in extra.items():
+            self.defaults[key] = value
+            for group in self.param_groups:
+                group.setdefault(key, value)
+        for group in self.param_groups:
+            if group["use_muon"]:
+                bad = [tuple(p.shape) for p in group["params"] if p.dim() != 2]
+                if bad:
+                    raise ValueError(f"Muon groups take 2-D matrices only, got shapes {bad}; put vectors "
+                                     "and embeddings in a group with use_muon=False (AdamW)")
+
+    @torch.no_grad()
+    def step(self, closure: Callable[[], float] | None = None):
+        loss = None
+        if closure is not None:
+            with torch.enable_grad():
+                loss = closure()
+        for group in self.param_groups:
+            if group["use_muon"]:
+                self._muon_group(group)
+            else:
+                self._adamw_group(dict(group, lr=group["lr"] * group["lr_scale"]))
+        return loss
+
+    def _muon_group(self, group: dict) -> None:
+        lr, wd, mu = group["lr"] * group["lr_scale"], group["weight_decay"], group["momentum"]
+        for p in group["params"]:
+            if p.grad is None:
+                continue
+            state = self.state[p]
+            if not state:
+                state["momentum_buffer"] = torch.zeros_like(p.grad, memory_format=torch.preserve_format)
+            buf = state["momentum_buffer"]
+            buf.lerp_(p.grad, 1 - mu)
+            update = p.grad.lerp(buf, mu) if group["nesterov"] else buf
+            ortho = newton_schulz_orthogonalize(_whole_matrix(update), group["ns_steps"], group["ns_coefficients"],
+                                                group["ns_eps"], group["ns_dtype"])
+            if wd:
+                p.mul_(1 - lr * wd)
+            p.add_(_like(ortho.to(p.dtype), p), alpha=-lr * muon_lr_ratio(p.shape, group["adjust_lr_fn"]))
+
+
+def is_hidden_matrix(name: str, p: torch.Tensor) -> bool:
+    """A 2-D weight that maps hidden states to hidden states: what Muon is for. Embedding tables (names
+    with 'embed') and the output head ('lm_head') are excluded by name, vectors by shape."""
+    return p.dim() == 2 and "embed" not in name and "lm_head" not in name
+
+
 @torch.no_grad()
 def clip_grad_norm_(parameters: Iterable[torch.nn.Parameter], max_l2_norm: float, eps: float = 1e-6) -> torch.Tensor:
     """Scale all gradients together so their global L2 norm is at most max_l2_norm; return the norm
@@ -102,3 +267,19 @@ def clip_grad_norm_(parameters: Iterable[torch.nn.Parameter], max_l2_norm: float
     scale = (max_l2_norm / (total + eps)).clamp(max=1.0)
     torch._foreach_mul_(grads, scale.to(grads[0].device))
     return total
+
+
+def muon_optimizer(cfg, model: torch.nn.Module, groups: list[dict]) -> Muon:
+    """optimizer="muon": the hidden matrices (`is_hidden_matrix`) of AdamW's `groups` (its decay / no-decay
+    split) move to one Muon group with muon_lr (as a multiple of the scheduled lr), muon_momentum and
+    muon_weight_decay; embeddings, head and gains stay in their AdamW groups with the AdamW keys."""
+    hidden = [p for name, p in model.named_parameters() if p.requires_grad and is_hidden_matrix(name, p)]
+    hidden_ids = {id(p) for p in hidden}
+    adamw_groups = [dict(g, params=[p for p in g["params"] if id(p) not in hidden_ids], use_muon=False)
+                    for g in groups]
+    muon_group = dict(params=[p for g in groups for p in g["params"] if id(p) in hidden_ids], use_muon=True,
+                      weight_decay=cfg.muon_weight_decay, lr_scale=cfg.muon_lr / cfg.learning_rate)
+    return Muon([g for g in adamw_groups if g["params"]] + ([muon_group] if muon_group["params"] else []),
+                lr=cfg.learning_rate, momentum=cfg.muon_momentum, nesterov=cfg.muon_nesterov,
+                ns_steps=cfg.muon_ns_steps, adjust_lr_fn=cfg.muon_adjust_lr, betas=(cfg.beta1, cfg.beta2),
+                adamw_eps=cfg.eps, foreach=True)

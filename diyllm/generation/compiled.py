@@ -1,0 +1,217 @@
+"""Compiled decoding: a static KV cache and one fixed-shape decode step, compiled once per process.
+
+A cached decode step of a small model is a few hundred tiny ops; in eager mode each costs launch and
+Python overhead, far more than reading the weights. Here the step `model(token, positions, mask,
+StaticKVCache)` always sees the same shapes (attention reads the whole preallocated cache; a boolean
+mask hides unused columns), so `torch.compile` builds it once: on CPU inductor emits fused C++ loops, on
+CUDA `mode="reduce-overhead"` replays it as a CUDA graph. The prompt ("prefill", a different shape each
+time) runs eagerly into the same cache. Sampling (temperature, top-k, top-p, repetition penalty) runs on
+the device after the step, with the same functions as the eager path, so the two give the same tokens.
+
+    generate(model, ids, 200, temperature=0, compile=True)      # or: diyllm sample --compile
+
+The compiled step is kept per (model, batch size, dtype) for the life of the process: the compile time
+(reported once, `compile_seconds`) is paid by the first generation only. Where compiling cannot work
+(no C++ compiler, an old torch, an unsupported op) decoding falls back to the eager step with one warning.
+`decode_compiled` is the entry point a server can call directly (it yields `DecodeStep`s like
+`iter_steps`).
+"""
+
+from __future__ import annotations
+
+import time
+import warnings
+import weakref
+from collections.abc import Iterator
+
+import torch
+from torch import nn
+
+from diyllm.generation.sampling import apply_repetition_penalty, sample_next
+from diyllm.model.kv_cache import StaticKVCache
+
+# model -> {(batch, dtype): StaticDecoder}; weak, so a dropped model frees its caches and graphs.
+_DECODERS: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
+_WARNED: set[str] = set()
+
+
+class CompiledDecodeWarning(RuntimeWarning):
+    """Compiled decoding was asked for but could not be used; decoding runs eagerly instead."""
+
+
+def _warn_once(msg: str) -> None:
+    if msg not in _WARNED:
+        _WARNED.add(msg)
+        warnings.warn(CompiledDecodeWarning(msg), stacklevel=3)
+
+
+def _step(model: nn.Module, cache: StaticKVCache, tokens: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
+    """One decode step: logits (B, V) of the token after `tokens` (B, 1), which sit at `positions`
+    (B, 1) and are written to cache column `cache.index`. The function that gets compiled."""
+    mask = cache.visible[:, None, None, :]  # (B, 1, 1, max_len): broadcast over heads and the one query
+    return model(tokens, positions=positions, attn_mask=mask, kv_cache=cache, last_logits_only=True).logits[:, -1]
+
+
+def compile_unavailable_reason(device: torch.device) -> str | None:
+    """Why torch.compile cannot run here, or None if it should."""
+    if not hasattr(torch, "compile"):
+        return f"torch {torch.__version__} has no torch.compile"
+    if device.type == "cpu":
+        from shutil import which
+
+        if not any(which(cc) for cc in ("g++", "c++", "clang++")):
+            return "no C++ compiler (g++/clang++) for inductor's CPU backend"
+    elif device.type not in ("cuda",):
+        return f"compiled decoding supports cpu and cuda, not {device.type}"
+    return None
+
+
+class StaticDecoder:
+    """A StaticKVCache plus the compiled step for one model, batch size and dtype."""
+
+    def __init__(self, model: nn.Module, batch_size: int, compile: bool = True):
+        param = next(model.parameters())
+        self.model, self.device = model, param.device
+        self.max_len = model.config.context_length
+        self.cache = StaticKVCache.for_model(model, batch_size, self.max_len)
+        self.decode_index = self.cache.index
+        self.tokens = torch.zeros(batch_size, 1, dtype=torch.long, device=self.device)
+        self.positions = torch.zeros(batch_size, 1, dtype=torch.long, device=self.device)
+        self.compile_seconds: float | None = None  # set by the first compiled step
+        self.step_fn = _step
+        if compile:
+            reason = compile_unavailable_reason(self.device)
+            if reason:
+                _warn_once(f"compiled decoding unavailable ({reason}); decoding eagerly")
+            else:
+                self._compile()
+
+    def _compile(self) -> None:
+        mark = getattr(getattr(torch, "_dynamo", None), "mark_static_address", None)
+        if mark is not None:  # fixed addresses: CUDA graphs read them in place instead of copying
+            for t in [*self.cache.tensors(), self.tokens, self.positions]:
+                mark(t)
+        mode = "reduce-overhead" if self.device.type == "cuda" else None
+        self.step_fn = torch.compile(_step, mode=mode, dynamic=False, fullgraph=True)
+
+    def step(self) -> torch.Tensor:
+        """Run the decode step on self.tokens/self.positions at column self.decode_index."""
+        if self.compile_seconds is None and self.step_fn is not _step:
+            start = time.perf_counter()
+            try:
+                logits = self.step_fn(self.model, self.cache, self.tokens, self.positions)
+            except Exception as exc:  # inductor/dynamo failures vary widely: fall back, say so once
+                _warn_once(f"compiled decoding failed ({type(exc).__name__}: {str(exc).splitlines()[0][:200]}); "
+                           "decoding eagerly")
+                self.step_fn = _step
+                return _step(self.model, self.cache, self.tokens, self.positions)
+            self.compile_seconds = time.perf_counter() - start
+            return logits
+        return self.step_fn(self.model, self.cache, self.tokens, self.positions)
+
+    def prefill(self, ids: torch.Tensor, real: torch.Tensor) -> torch.Tensor:
+        """Eager forward of `ids` (B, T) into cache columns 0..T-1; `real` (B, T) marks non-padding.
+        Returns the last position's logits and leaves self.positions at each row's next position."""
+        B, T = ids.shape
+        cache = self.cache
+        cache.reset()
+        positions = (real.long().cumsum(dim=1) - 1).clamp_(min=0)
+        cache.visible[:, :T] = real
+        causal = torch.ones(T, self.max_len, dtype=torch.bool, device=self.device).tril_()
+        mask = causal[None] & cache.visible[:, None, :]
+        mask[:, :, :T] |= torch.eye(T, dtype=torch.bool, device=self.device)  # a padding query sees itself
+        cache.index = torch.arange(T, device=self.device)
+        try:
+            out = self.model(ids, positions=positions, attn_mask=mask[:, None], kv_cache=cache, last_logits_only=True)
+        finally:
+            cache.index = self.decode_index
+        self.positions.copy_(positions[:, -1:] + 1)
+        return out.logits[:, -1]
+
+
+def decoder_for(model: nn.Module, batch_size: int, compile: bool = True) -> StaticDecoder:
+    """The process-wide StaticDecoder of `model` for this batch size (built, and compiled, once)."""
+    per_model = _DECODERS.setdefault(model, {})
+    key = (batch_size, next(model.parameters()).dtype, compile)
+    if key not in per_model:
+        per_model[key] = StaticDecoder(model, batch_size, compile=compile)
+    return per_model[key]
+
+
+def compile_seconds(model: nn.Module) -> float | None:
+    """Seconds this process spent compiling decode steps for `model` (None: nothing was compiled)."""
+    took = [d.compile_seconds for d in _DECODERS.get(model, {}).values() if d.compile_seconds is not None]
+    return sum(took) if took else None
+
+
+@torch.inference_mode()
+def decode_compiled(model, prompts, max_new_tokens, temperature, top_k, top_p, repetition_penalty, stop_ids,
+                    seed, context, vocab_limit, compile: bool = True) -> Iterator:
+    """The cached decoding loop of generate.py, on a StaticDecoder; same arguments, same DecodeSteps.
+
+    Left-padded batches, the sliding window (re-prefill the last 3/4 when the cache is full) and
+    `context="stop"` behave exactly as in the eager loop."""
+    from diyllm.generation.generate import ContextFullWarning, DecodeStep
+
+    dec = decoder_for(model, len(prompts), compile)
+    device, ctx = dec.device, dec.max_len
+    B, L = len(prompts), max(len(p) for p in prompts)
+    if context == "stop" and ctx < L:
+        raise ValueError(f"prompt of {L} tokens exceeds the model's context_length={ctx}; shorten it or use "
+                         "context='slide' to keep only its last tokens")
+    total = L + max_new_tokens
+    seq = torch.zeros(B, total, dtype=torch.long)
+    real = torch.zeros(B, total, dtype=torch.bool)
+    for b, p in enumerate(prompts):
+        seq[b, L - len(p) : L] = torch.tensor(p)
+        real[b, L - len(p) : L] = True
+    seq, real = seq.to(device), real.to(device)
+    keep = max(1, ctx - ctx // 4)
+    n = L
+    start = max(0, n - ctx)
+    logits = dec.prefill(seq[:, start:n], real[:, start:n])
+    column = n - start  # the cache column the next token goes to
+
+    generator = torch.Generator(device=device).manual_seed(seed) if seed is not None else None
+    seen = None
+    if repetition_penalty != 1.0:
+        seen = torch.zeros(B, model.config.vocab_size, dtype=torch.bool, device=device)
+        seen.scatter_(1, seq[:, :L], real[:, :L])
+    stop_t = torch.tensor(stop_ids, dtype=torch.long, device=device) if stop_ids else None
+    finished = torch.zeros(B, dtype=torch.bool, device=device)
+    no_text = None
+    if vocab_limit is not None and vocab_limit < model.config.vocab_size:
+        no_text = torch.arange(model.config.vocab_size, device=device) >= vocab_limit
+
+    for step in range(max_new_tokens):
+        scores = apply_repetition_penalty(logits, seen, repetition_penalty) if seen is not None else logits
+        if no_text is not None:
+            scores = scores.masked_fill(no_text, float("-inf"))
+        tok = sample_next(scores, temperature, top_k, top_p, generator)
+        seq[:, n] = tok
+        real[:, n] = True
+        n += 1
+        if seen is not None:
+            seen.scatter_(1, tok[:, None], True)
+        yield DecodeStep(tok, logits, finished)
+        if stop_t is not None:
+            finished = finished | torch.isin(tok, stop_t)
+            if bool(finished.all()):
+                return
+        if step == max_new_tokens - 1:
+            return
+        if context == "stop" and n > ctx:
+            warnings.warn(ContextFullWarning(
+                f"stopped after {step + 1} new tokens: the sequence reached the context window of {ctx} tokens "
+                "(use context='slide' to keep going with the most recent tokens)"), stacklevel=2)
+            return
+        if column >= ctx:  # full: restart the cache from the most recent `keep` tokens (eagerly)
+            logits = dec.prefill(seq[:, n - keep : n], real[:, n - keep : n])
+            column = keep
+            continue
+        dec.tokens.copy_(tok[:, None])
+        dec.decode_index.fill_(column)
+        dec.cache.visible[:, column] = True
+        logits = dec.step().clone()  # a CUDA graph's output is overwritten by its next replay
+        dec.positions.add_(1)
+        column += 1

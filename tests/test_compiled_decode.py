@@ -1,0 +1,104 @@
+"""Compiled decoding (generation/compiled.py) gives the eager cached path's tokens: greedy, batched and
+left-padded rows, top-k/top-p sampling with a seed, through a sliding window; falls back with one warning.
+
+One model and one batch size throughout, so the module pays for exactly one compile (the expensive part
+on a 2-core CPU); every other check reuses the compiled step.
+"""
+
+from __future__ import annotations
+
+import warnings
+
+import pytest
+import torch
+
+from diyllm.generation import compiled
+from diyllm.generation.generate import generate, iter_steps
+from diyllm.model import DIYConfig, DIYForCausalLM
+from diyllm.model.kv_cache import StaticKVCache
+
+PROMPTS = [[5, 17, 3, 9, 44], [1, 2, 3, 4, 5, 6, 7, 8, 9]]  # different lengths: left padding
+
+
+@pytest.fixture(scope="module")
+def model():
+    torch.manual_seed(0)
+    cfg = DIYConfig(vocab_size=61, context_length=32, d_model=64, num_layers=2, num_heads=4, num_kv_heads=2,
+                    d_ff=128)
+    m = DIYForCausalLM(cfg).eval()
+    with torch.no_grad():  # sharper logits than at init, so greedy choices are far from ties
+        m.lm_head.weight.mul_(8)
+    return m
+
+
+@pytest.mark.skipif(compiled.compile_unavailable_reason(torch.device("cpu")) is not None,
+                    reason="no C++ compiler for inductor")
+def test_compiled_decoding_gives_the_eager_tokens(model):
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", compiled.CompiledDecodeWarning)  # a silent fallback would pass otherwise
+        steps_c = list(iter_steps(model, PROMPTS, 12, temperature=0, compile=True))
+    steps_e = list(iter_steps(model, PROMPTS, 12, temperature=0))
+    dec = compiled.decoder_for(model, len(PROMPTS))
+    assert dec.step_fn is not compiled._step and dec.compile_seconds > 0  # it really was compiled
+    for c, e in zip(steps_c, steps_e, strict=True):
+        torch.testing.assert_close(c.logits, e.logits, rtol=1e-4, atol=1e-4)
+        assert torch.equal(c.tokens, e.tokens)
+    # 60 new tokens overflow context_length=32: both paths re-prefill the last 24 tokens and go on.
+    assert generate(model, PROMPTS, 60, temperature=0, compile=True) == generate(model, PROMPTS, 60, temperature=0)
+    for kw in (dict(top_k=10), dict(top_p=0.9), dict(top_k=20, top_p=0.8, repetition_penalty=1.3)):
+        ours = generate(model, PROMPTS, 20, temperature=0.9, seed=7, compile=True, **kw)
+        assert ours == generate(model, PROMPTS, 20, temperature=0.9, seed=7, **kw), kw
+    stopped = generate(model, PROMPTS, 20, temperature=0, stop_ids=[steps_e[3].tokens[0].item()], compile=True)
+    assert len(stopped[0]) <= 3
+    assert torch._dynamo.utils.counters["stats"]["unique_graphs"] == 1  # compiled once, reused by every call
+
+
+def test_eager_fallback_warns_once_and_gives_the_same_tokens(model, monkeypatch):
+    monkeypatch.setattr(compiled, "compile_unavailable_reason", lambda device: "no compiler (test)")
+    monkeypatch.setattr(compiled, "_DECODERS", compiled.weakref.WeakKeyDictionary())
+    monkeypatch.setattr(compiled, "_WARNED", set())
+    with pytest.warns(compiled.CompiledDecodeWarning, match="no compiler") as caught:
+        a = generate(model, PROMPTS[:1], 15, temperature=0, compile=True)
+        b = generate(model, PROMPTS[1:], 15, temperature=0, compile=True)
+    assert len([w for w in caught if issubclass(w.category, compiled.CompiledDecodeWarning)]) == 1
+    assert a == generate(model, PROMPTS[:1], 15, temperature=0)
+    assert b == generate(model, PROMPTS[1:], 15, temperature=0)
+    with pytest.raises(ValueError, match="use_cache=False"):
+        generate(model, PROMPTS, 3, compile=True, use_cache=False)
+
+
+def test_static_cache_writes_the_given_columns_and_keeps_its_tensors():
+    cache = StaticKVCache(num_layers=2, batch_size=1, num_kv_heads=2, head_dim=4, max_len=8)
+    before = [t.data_ptr() for t in cache.tensors()]
+    k = torch.randn(1, 2, 1, 4)
+    cache.index.fill_(5)
+    k_all, v_all = cache.update(1, k, -k)
+    assert k_all.shape == (1, 2, 8, 4) and torch.equal(k_all[:, :, 5:6], k) and torch.equal(v_all[:, :, 5:6], -k)
+    assert cache.k[0].abs().sum() == 0 and cache.k[1, :, :, :5].abs().sum() == 0
+    assert [t.data_ptr() for t in cache.tensors()] == before and cache.length == 0
+
+
+def test_sample_cli_compile_flag(tmp_path, capsys, monkeypatch):
+    """`diyllm sample --compile` streams the eager tokens and reports how it decoded (here the fallback,
+    so the test pays no compile)."""
+    from diyllm.cli import main
+    from diyllm.tokenizers import CharTokenizer
+    from diyllm.training.checkpoint import save_checkpoint
+
+    monkeypatch.setattr(compiled, "compile_unavailable_reason", lambda device: "no compiler (test)")
+    monkeypatch.setattr(compiled, "_WARNED", set())
+    tok = CharTokenizer("abcdefgh \n")
+    tok.save(tmp_path / "tokenizer.json")
+    torch.manual_seed(0)
+    m = DIYForCausalLM(DIYConfig(vocab_size=tok.vocab_size, context_length=32, d_model=32, num_layers=1,
+                                 num_heads=2, d_ff=64))
+    path = tmp_path / "best.pt"
+    save_checkpoint(m, None, 0, path, model_config=m.config.to_dict(),
+                    tokenizer=(tmp_path / "tokenizer.json").read_text())
+    assert main(["sample", "--ckpt", str(path), "--prompt", "abc", "--max_new_tokens", "40", "--temperature", "0",
+                 "--device", "cpu", "--compile"]) == 0
+    out, err = capsys.readouterr()
+    assert out == "abc" + tok.decode(generate(m, tok.encode("abc"), 40, temperature=0)[0]) + "\n"
+    assert "compile unavailable, eager" in err and "no compiler (test)" in err
+    assert main(["sample", "--ckpt", str(path), "--compile", "--no_cache"]) == 2
+    assert "--no_cache" in capsys.readouterr().err
