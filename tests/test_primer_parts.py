@@ -64,3 +64,22 @@ def test_primer_part_all_prints_every_part(capsys):
     for name in parts.PARTS:
         assert f"--- {name} ---" in out
     assert "final w: by hand" in out  # and the descent itself
+
+
+def test_diagnose_per_parameter_gradient_table_matches_a_plain_backward(tiny_config):
+    from diyllm.lab.diagnose import diagnose_model, format_param_table
+    from diyllm.model import DIYForCausalLM
+
+    model = DIYForCausalLM(tiny_config)
+    x = torch.randint(0, tiny_config.vocab_size, (4, 16))
+    y = torch.randint(0, tiny_config.vocab_size, (4, 16))
+    d = diagnose_model(model, x, y, lr=1e-3)
+    model.eval()
+    model(x, targets=y).loss.backward()
+    for stats in d.params:
+        g = dict(model.named_parameters())[stats.name].grad
+        assert stats.grad_mean == pytest.approx(g.mean().item(), rel=1e-5, abs=1e-9)
+        assert stats.grad_std == pytest.approx(g.std().item(), rel=1e-5, abs=1e-9)
+        assert stats.grad_absmax == pytest.approx(g.abs().max().item(), rel=1e-5)
+    table = format_param_table(d)
+    assert len(table.splitlines()) == 1 + len(d.params) and "layers.1.attn.q_proj.weight" in table
