@@ -65,6 +65,8 @@ class TrainConfig:
     streaming: bool = False  # jsonl: stream files line by line through a DataLoader (corpora larger than memory)
     num_workers: int = 0  # streaming: DataLoader worker processes
     shuffle_buffer: int = 10000  # streaming: documents held in the shuffle buffer
+    # --- issue 20: dynamic padding ---
+    dynamic_padding: bool = False  # jsonl pad / sft: pad each batch to its longest row, not context_length
     # ---- optimisation ----
     max_iters: int = 5000
     learning_rate: float = 1e-3
