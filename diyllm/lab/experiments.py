@@ -13,8 +13,9 @@ pretrain-vs-sft: what does supervised fine-tuning add to a pretrained model?
     just continues the text and exact match is ~0.
  4. SFT the same weights on the training conversations (assistant-only loss) and ask again: it now
     answers in the format, and stops.
-Prints exact-match accuracy before/after (overall and per task) and a few answers side by side; writes
-report.json into the output folder.
+ 5. The third arm: the same SFT, same data and steps, from a randomly initialised model (no pretraining).
+Prints a table of the three arms (data / task / loss span / what was learned / exact match), exact match
+per task and a few answers side by side; writes report.json into the output folder.
 """
 
 from __future__ import annotations
@@ -136,18 +137,33 @@ def _pretrain_vs_sft(out: Path, s: dict, quick: bool, device: str, seed: int, sh
     cfg, source, model = prepare_sft(sft_cfg)
     post = train(cfg, source=source, model=model)
 
-    log("[4/4] asking the fine-tuned model the same questions")
+    log("[4/5] asking the fine-tuned model the same questions")
     tuned, tuned_tok, _ = load_model(out / "sft" / "best.pt", device=device)
     after, after_replies = exact_match(tuned, tuned_tok, val, return_replies=True)
+
+    log(f"[5/5] the same SFT from a random init (no pretraining), {s['sft_iters']} iterations, then the same questions")
+    from diyllm.data.sft import SFTSource
+
+    scratch_cfg = dataclasses.replace(sft_cfg, data_format="sft", init_from="scratch",
+                                      tokenizer_path=str(out / "data" / "tokenizer.json"),
+                                      out_dir=str(out / "sft_from_scratch"))
+    scratch_source = SFTSource(scratch_cfg, tokenizer=byte_tokenizer())
+    scratch_cfg = dataclasses.replace(scratch_cfg, vocab_size=scratch_source.vocab_size)
+    scratch = train(scratch_cfg, source=scratch_source)
+    fresh, fresh_tok, _ = load_model(out / "sft_from_scratch" / "best.pt", device=device)
+    from_scratch, scratch_replies = exact_match(fresh, fresh_tok, val, return_replies=True)
 
     report = {
         "settings": {k: list(v) if isinstance(v, tuple) else v for k, v in s.items()},
         "held_out_questions": len(val),
-        "exact_match_before": before, "exact_match_after": after,
+        "exact_match_before": before, "exact_match_after": after, "exact_match_sft_from_scratch": from_scratch,
         "per_task_before": per_task(val, before_replies), "per_task_after": per_task(val, after_replies),
+        "per_task_sft_from_scratch": per_task(val, scratch_replies),
         "pretrain_val_loss": pre.best_val_loss, "sft_val_loss": post.best_val_loss,
+        "sft_from_scratch_val_loss": scratch.best_val_loss,
         "examples": [{"question": c["conversations"][-2]["content"], "answer": c["conversations"][-1]["content"],
-                      "before": b, "after": a} for c, b, a in zip(val[:show], before_replies, after_replies)],
+                      "before": b, "after": a, "from_scratch": f}
+                     for c, b, a, f in zip(val[:show], before_replies, after_replies, scratch_replies)],
         "seconds": time.perf_counter() - t0,
     }
     (out / "report.json").write_text(json.dumps(report, indent=2) + "\n", encoding="utf-8")
@@ -155,17 +171,32 @@ def _pretrain_vs_sft(out: Path, s: dict, quick: bool, device: str, seed: int, sh
     return report
 
 
+ARMS = (  # (name, data, task, loss span, what it learns, report key)
+    ("pretrained only", "plain sentences", "continue the text", "every token",
+     "facts as text, no chat format", "exact_match_before"),
+    ("pretrain + SFT", "+ conversations", "answer in the chat format", "assistant replies only",
+     "the format on top of them", "exact_match_after"),
+    ("SFT from scratch", "conversations only", "answer in the chat format", "assistant replies only",
+     "format + what SFT data shows", "exact_match_sft_from_scratch"),
+)
+
+
 def print_report(r: dict[str, Any], out: Path) -> None:
-    print(f"\nexact match on {r['held_out_questions']} held-out questions: "
-          f"pretrained {r['exact_match_before']:.1%}  ->  after SFT {r['exact_match_after']:.1%}")
-    print(f"{'task':<10}{'before':>8}{'after':>8}")
+    n = r["held_out_questions"]
+    print(f"\nthe three arms on {n} held-out questions (exact match):")
+    print(f"{'arm':<18}{'data':<20}{'task':<27}{'loss on':<24}{'what was learned':<30}{'exact match':>11}")
+    for name, data, task, span, learned, key in ARMS:
+        print(f"{name:<18}{data:<20}{task:<27}{span:<24}{learned:<30}{r[key]:>11.1%}")
+    print(f"\n{'task':<10}{'pretrained':>11}{'+ SFT':>8}{'SFT only':>10}")
     for task, acc in r["per_task_after"].items():
-        print(f"{task:<10}{r['per_task_before'].get(task, 0):>8.0%}{acc:>8.0%}")
+        print(f"{task:<10}{r['per_task_before'].get(task, 0):>11.0%}{acc:>8.0%}"
+              f"{r['per_task_sft_from_scratch'].get(task, 0):>10.0%}")
     print("\nside by side (before = the pretrained model's reply to the same chat prompt):")
     for e in r["examples"]:
         print(f"  Q: {e['question']}   (expected: {e['answer']})")
-        print(f"     before: {e['before'][:70]!r}")
-        print(f"     after:  {e['after'][:70]!r}")
+        print(f"     before:       {e['before'][:70]!r}")
+        print(f"     after:        {e['after'][:70]!r}")
+        print(f"     from scratch: {e['from_scratch'][:70]!r}")
     print(f"\n{r['seconds']:.0f}s in all; runs, data and report.json in {out}")
 
 
