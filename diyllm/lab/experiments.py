@@ -3,6 +3,7 @@
   diyllm lab pretrain-vs-sft            # a few minutes on CPU
   diyllm lab pretrain-vs-sft --quick    # well under a minute (what the tests run)
   diyllm lab synthetic-data --out data/synthetic_chat     # just write the synthetic JSONL files
+  diyllm lab masking --quick            # causal LM vs MLM-style masking (diyllm/lab/masking.py)
 
 pretrain-vs-sft: what does supervised fine-tuning add to a pretrained model?
  1. Synthetic data (diyllm.data.synthetic): plain sentences stating facts (capitals, sums, reversed /
@@ -28,7 +29,7 @@ import time
 from pathlib import Path
 from typing import Any
 
-EXPERIMENTS = ("pretrain-vs-sft", "synthetic-data")
+EXPERIMENTS = ("pretrain-vs-sft", "synthetic-data", "masking")
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -202,6 +203,11 @@ def print_report(r: dict[str, Any], out: Path) -> None:
 
 def run(args: argparse.Namespace) -> int:
     out = Path(args.out or f"runs/lab/{args.experiment}")
+    if args.experiment == "masking":
+        from diyllm.lab.masking import run_masking
+
+        r = run_masking(quick=args.quick, seed=args.seed)
+        return 0 if r["val_loss"]["causal"] < r["val_loss"]["mlm-style"] else 1
     if args.experiment == "synthetic-data":
         s = settings(args.quick)
         paths = write_synthetic(out, s, args.seed)

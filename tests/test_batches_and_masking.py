@@ -57,3 +57,13 @@ def test_dynamic_padding_gives_narrower_batches_with_the_same_loss(tmp_path, fmt
         full = cross_entropy(model(x).logits, y, loss_mask=m)
         trimmed = cross_entropy(model(dx).logits, dy, loss_mask=dm)
         torch.testing.assert_close(trimmed, full, rtol=1e-5, atol=1e-6)
+
+
+def test_mlm_style_masks_about_fifteen_percent_and_only_those_positions_train():
+    from diyllm.lab.masking import MASK_ID, mlm_style
+
+    x = torch.randint(0, 256, (64, 128))
+    masked_x, loss_mask = mlm_style(x, x, torch.Generator().manual_seed(0))
+    share = loss_mask.float().mean().item()
+    assert 0.13 < share < 0.17
+    assert (masked_x[loss_mask] == MASK_ID).all() and torch.equal(masked_x[~loss_mask], x[~loss_mask])
