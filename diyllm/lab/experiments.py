@@ -39,6 +39,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--device", default="cpu")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--show", type=int, default=6, help="answers shown side by side")
+    parser.add_argument("--pretrain_shards", type=int, default=1,
+                        help="synthetic-data: split the pretraining documents over N files pretrain_00.jsonl, ...")
 
 
 def settings(quick: bool) -> dict[str, Any]:
@@ -52,12 +54,22 @@ def settings(quick: bool) -> dict[str, Any]:
                 pretrain_lr=3e-3, sft_lr=1e-3, tasks=("capital", "add", "reverse", "spell", "count"), system=True)
 
 
-def write_synthetic(out: Path, s: dict, seed: int) -> dict[str, Path]:
+def write_synthetic(out: Path, s: dict, seed: int, pretrain_shards: int = 1) -> dict[str, Path]:
+    """pretrain.jsonl ({"text"} rows), sft_train/sft_val.jsonl (conversations). With pretrain_shards > 1
+    the pretraining documents are dealt round-robin into pretrain_00.jsonl, pretrain_01.jsonl, ... instead
+    (several files, as a streaming source over a glob expects)."""
     from diyllm.data.synthetic import make_splits, plain_text_corpus, write_jsonl
 
     train, val = make_splits(s["sft_train"], s["sft_val"], seed, s["tasks"], s["system"])
-    paths = {"pretrain": out / "pretrain.jsonl", "train": out / "sft_train.jsonl", "val": out / "sft_val.jsonl"}
-    write_jsonl(paths["pretrain"], [{"text": t} for t in plain_text_corpus(s["pretrain_docs"], seed, s["tasks"])])
+    docs = [{"text": t} for t in plain_text_corpus(s["pretrain_docs"], seed, s["tasks"])]
+    paths = {"train": out / "sft_train.jsonl", "val": out / "sft_val.jsonl"}
+    if pretrain_shards > 1:
+        for i in range(pretrain_shards):
+            paths[f"pretrain_{i:02d}"] = out / f"pretrain_{i:02d}.jsonl"
+            write_jsonl(paths[f"pretrain_{i:02d}"], docs[i::pretrain_shards])
+    else:
+        paths["pretrain"] = out / "pretrain.jsonl"
+        write_jsonl(paths["pretrain"], docs)
     write_jsonl(paths["train"], train)
     write_jsonl(paths["val"], val)
     return paths
@@ -210,7 +222,11 @@ def run(args: argparse.Namespace) -> int:
         return 0 if r["val_loss"]["causal"] < r["val_loss"]["mlm-style"] else 1
     if args.experiment == "synthetic-data":
         s = settings(args.quick)
-        paths = write_synthetic(out, s, args.seed)
+        if args.pretrain_shards < 1:
+            from diyllm.errors import UserError
+
+            raise UserError(f"--pretrain_shards {args.pretrain_shards}: need at least 1 file")
+        paths = write_synthetic(out, s, args.seed, args.pretrain_shards)
         byte_tokenizer().save(out / "tokenizer.json")  # found automatically beside the data
         print("wrote " + ", ".join(str(p) for p in paths.values()) + f" and {out / 'tokenizer.json'}")
         return 0
