@@ -131,11 +131,12 @@ def test_parsing_helpers():
 
 @pytest.fixture(scope="session")
 def workspace(tmp_path_factory) -> Path:
-    """A scratch 'checkout': configs/, benchmarks/, docs/ link to the repo; ../shared to the shared data."""
+    """A scratch 'checkout': configs/, benchmarks/, docs/, scripts/, examples/ link to the repo; ../shared to
+    the shared data."""
     root = tmp_path_factory.mktemp("docs_commands")
     work = root / "main"
     work.mkdir()
-    for name in ("configs", "benchmarks", "docs", "scripts"):
+    for name in ("configs", "benchmarks", "docs", "scripts", "examples"):
         target = REPO / ("diyllm/configs" if name == "configs" else name)
         if target.exists():
             (work / name).symlink_to(target, target_is_directory=True)

@@ -44,6 +44,8 @@ def test_sweep_runs_grid_then_skips_finished_runs(tmp_path, char_data, monkeypat
         assert run.config["learning_rate"] == (1e-3 if r.endswith("0.001") else 1e-2)
     table = (tmp_path / "sw" / "compare.md").read_text()
     assert all(f"| {r} " in table for r in runs)
+    assert "## Analysis (filled in by diyllm)" in table and all(f"- **{r}**: " in table for r in runs)
+    assert "### Samples: " in table  # a few samples from each run's checkpoint
     assert (tmp_path / "sw" / "compare.png").stat().st_size > 5000
     capsys.readouterr()
 

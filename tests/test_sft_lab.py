@@ -23,6 +23,9 @@ def test_sft_raises_held_out_exact_match_above_the_pretrained_model(tmp_path):
     report = pretrain_vs_sft(tmp_path, quick=True, log=lambda *a: None)
     assert report["exact_match_after"] > report["exact_match_before"]
     assert report["exact_match_after"] >= 0.05
+    # the third arm ran: same SFT from a random init, scored on the same questions
+    assert 0.0 <= report["exact_match_sft_from_scratch"] <= 1.0 and report["sft_from_scratch_val_loss"] > 0
+    assert set(report["per_task_sft_from_scratch"]) == set(report["per_task_after"])
     saved = json.loads((tmp_path / "report.json").read_text())
     assert saved["exact_match_after"] == report["exact_match_after"]
     # the fine-tuned model ends its replies with <|im_end|>: replies are short, not 16-token continuations

@@ -122,6 +122,15 @@ class EpochRows:
         self.order = self._order()
 
 
+def trim_padding(x: np.ndarray, y: np.ndarray, mask: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Dynamic padding: drop the trailing columns no row of the batch trains on, so the batch is only as
+    long as its longest row instead of context_length. The loss is unchanged: those positions have loss
+    mask 0, and attention is causal, so no earlier position ever sees them."""
+    used = np.flatnonzero(mask.any(axis=0))
+    width = int(used[-1]) + 1 if len(used) else 1
+    return tuple(np.ascontiguousarray(a[:, :width]) for a in (x, y, mask))
+
+
 def to_device(x: np.ndarray, y: np.ndarray, mask: np.ndarray, device) -> tuple[torch.Tensor, ...]:
     device = torch.device(device)
     tensors = (torch.from_numpy(x), torch.from_numpy(y), torch.from_numpy(mask))
@@ -190,6 +199,7 @@ class JsonlPretrainSource:
         self.seed = int(getattr(cfg, "seed", 1337))
         self.rank, self.world_size = 0, 1
         self.streaming = bool(getattr(cfg, "streaming", False))
+        self.dynamic_padding = bool(getattr(cfg, "dynamic_padding", False))  # pad mode: trim to the longest row
         self.bytes_per_token: float | None = None
         if self.streaming:
             self._streams: dict[str, Any] = {}
@@ -231,15 +241,20 @@ class JsonlPretrainSource:
         rows = self.rows[split]
         # all ranks walk the same order; rank r takes rows r, r+W, r+2W, ... of each global batch
         idx = rows.take(batch_size * self.world_size)[self.rank :: self.world_size]
-        return to_device(rows.x[idx], rows.y[idx], rows.mask[idx], device)
+        x, y, mask = rows.x[idx], rows.y[idx], rows.mask[idx]
+        if self.dynamic_padding:
+            x, y, mask = trim_padding(x, y, mask)
+        return to_device(x, y, mask, device)
 
     def _stream_batch(self, split: str, batch_size: int, device):
         it = self._streams.get(split)
         if it is None:
             it = self._streams[split] = self._open_stream(split, batch_size, skip=self._consumed[split])
-        x, y, mask = next(it)
+        x, y, mask = (t.numpy() for t in next(it))
         self._consumed[split] += 1
-        return to_device(x.numpy(), y.numpy(), mask.numpy(), device)
+        if self.dynamic_padding:
+            x, y, mask = trim_padding(x, y, mask)
+        return to_device(x, y, mask, device)
 
     def _open_stream(self, split: str, batch_size: int, skip: int) -> Iterator:
         from diyllm.data.streaming import StreamingJsonlDataset, endless_batches

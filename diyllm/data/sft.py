@@ -27,6 +27,7 @@ from diyllm.data.jsonl import (
     resolve_jsonl_paths,
     resolve_tokenizer,
     to_device,
+    trim_padding,
 )
 from diyllm.errors import UserError
 
@@ -88,6 +89,7 @@ class SFTSource:
         self.rank, self.world_size = 0, 1
         self.dropped: dict[str, int] = {}
         self.empty_batches_skipped = 0
+        self.dynamic_padding = bool(getattr(cfg, "dynamic_padding", False))  # trim batches to the longest row
         val_spec = getattr(cfg, "val_data", "")
         self.rows: dict[str, EpochRows] = {}
         seed = int(getattr(cfg, "seed", 1337))
@@ -115,7 +117,10 @@ class SFTSource:
         while True:
             idx = rows.take(batch_size * self.world_size)[self.rank :: self.world_size]
             if rows.mask[idx].sum() > 0:  # always true by construction (rows without targets are dropped)
-                return to_device(rows.x[idx], rows.y[idx], rows.mask[idx], device)
+                x, y, mask = rows.x[idx], rows.y[idx], rows.mask[idx]
+                if self.dynamic_padding:
+                    x, y, mask = trim_padding(x, y, mask)
+                return to_device(x, y, mask, device)
             self.empty_batches_skipped += 1
 
     def state_dict(self) -> dict:

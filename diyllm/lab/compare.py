@@ -102,9 +102,18 @@ def markdown_table(summaries: list[RunSummary]) -> str:
     return "\n".join([header, *rows]) + "\n"
 
 
-def compare_runs(paths: list[str | Path], out: str | Path | None = None) -> str:
-    """Read each run, print nothing, return the markdown table (and write it to `out` when given)."""
-    table = markdown_table([summarize(read_run(p)) for p in paths])
+def compare_runs(paths: list[str | Path], out: str | Path | None = None, analysis: bool = False,
+                 samples: bool = False) -> str:
+    """Read each run, print nothing, return the markdown table (and write it to `out` when given).
+
+    With `analysis`, the table is followed by a verdict per run (diyllm.lab.verdict) and, with
+    `samples`, by a few samples from each run's checkpoint."""
+    runs = [read_run(p) for p in paths]
+    table = markdown_table([summarize(r) for r in runs])
+    if analysis:
+        from diyllm.lab.verdict import analysis_markdown
+
+        table += analysis_markdown(runs, with_samples=samples)
     if out is not None:
         with atomic_write(out, "w", encoding="utf-8") as f:
             f.write(table)
@@ -114,10 +123,13 @@ def compare_runs(paths: list[str | Path], out: str | Path | None = None) -> str:
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("runs", nargs="+", help="run folders (with metrics.jsonl) or nanoGPT-style log files")
     parser.add_argument("--out", default=None, help="also save the table to this markdown file")
+    parser.add_argument("--no_analysis", action="store_true",
+                        help="only the table, without the verdict per run (start, trend, gap, vs the first run)")
+    parser.add_argument("--samples", action="store_true", help="add a few samples from each run's checkpoint")
 
 
 def run(args: argparse.Namespace) -> int:
-    table = compare_runs(args.runs, args.out)
+    table = compare_runs(args.runs, args.out, analysis=not args.no_analysis, samples=args.samples)
     print(table, end="")
     print("gap = val − train loss at the last eval (positive and growing: overfitting)")
     if args.out:

@@ -53,6 +53,9 @@ class ParamStats:
     weight_absmax: float
     grad_norm: float
     update_ratio: float | None  # |Δw| / |w| for one step
+    grad_mean: float = 0.0  # over the parameter's elements: a mean far from 0 is a consistent push
+    grad_std: float = 0.0
+    grad_absmax: float = 0.0  # one huge element can dominate a clipped global norm
 
 
 @dataclass
@@ -218,8 +221,10 @@ def diagnose_model(
         upd = updates.get(name)
         ratio = upd.float().norm().item() / w_norm if upd is not None and w_norm > 0 else None
         std = w.std().item() if w.numel() > 1 else 0.0
+        g = grads[name].float()
         params.append(ParamStats(name, layer, kind, w.numel(), w.mean().item(), std, w.abs().max().item(),
-                                 grads[name].float().norm().item(), ratio))
+                                 g.norm().item(), ratio, g.mean().item(), g.std().item() if g.numel() > 1 else 0.0,
+                                 g.abs().max().item()))
 
     layers = []
     for layer in _layer_order(model):
@@ -294,6 +299,15 @@ def format_report(d: Diagnosis) -> str:
     return "\n".join(lines)
 
 
+def format_param_table(d: Diagnosis) -> str:
+    """One row per parameter tensor: gradient mean / std / max|g| and norm next to the weight's std."""
+    lines = [f"{'parameter':<34} {'numel':>8} {'grad mean':>10} {'grad std':>9} {'max|grad|':>9} "
+             f"{'grad norm':>9} {'w std':>8}"]
+    lines += [f"{p.name:<34} {p.numel:>8,} {p.grad_mean:>+10.2e} {p.grad_std:>9.2e} {p.grad_absmax:>9.2e} "
+              f"{p.grad_norm:>9.2e} {p.weight_std:>8.4f}" for p in d.params]
+    return "\n".join(lines)
+
+
 def plot_diagnosis(d: Diagnosis, out: str | Path) -> Path:
     """Heat maps (rows = layers, cols = weight kinds) of log10 grad norm and log10 update ratio."""
     import matplotlib
@@ -358,6 +372,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--lr", type=float, default=None, help="LR for the one-step estimate (default: the run's)")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--out", default=None, help="PNG path (default: next to the checkpoint, or diagnose.png)")
+    parser.add_argument("--per_param", action="store_true",
+                        help="also print gradient mean/std/max per parameter tensor (not only per layer)")
 
 
 def run(args: argparse.Namespace) -> int:
@@ -395,6 +411,8 @@ def run(args: argparse.Namespace) -> int:
     print(f"model: {cfg.num_layers} layers, d_model {cfg.d_model}, {n_params:,} parameters; batch: {what}")
     d = diagnose_model(model, x, y, lr=lr, optimizer_state=opt_state)
     print(format_report(d))
+    if args.per_param:
+        print(format_param_table(d))
     out = Path(args.out) if args.out else default_out
     plot_diagnosis(d, out)
     json_path = out.with_suffix(".json")

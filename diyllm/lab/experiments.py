@@ -3,6 +3,7 @@
   diyllm lab pretrain-vs-sft            # a few minutes on CPU
   diyllm lab pretrain-vs-sft --quick    # well under a minute (what the tests run)
   diyllm lab synthetic-data --out data/synthetic_chat     # just write the synthetic JSONL files
+  diyllm lab masking --quick            # causal LM vs MLM-style masking (diyllm/lab/masking.py)
 
 pretrain-vs-sft: what does supervised fine-tuning add to a pretrained model?
  1. Synthetic data (diyllm.data.synthetic): plain sentences stating facts (capitals, sums, reversed /
@@ -13,8 +14,9 @@ pretrain-vs-sft: what does supervised fine-tuning add to a pretrained model?
     just continues the text and exact match is ~0.
  4. SFT the same weights on the training conversations (assistant-only loss) and ask again: it now
     answers in the format, and stops.
-Prints exact-match accuracy before/after (overall and per task) and a few answers side by side; writes
-report.json into the output folder.
+ 5. The third arm: the same SFT, same data and steps, from a randomly initialised model (no pretraining).
+Prints a table of the three arms (data / task / loss span / what was learned / exact match), exact match
+per task and a few answers side by side; writes report.json into the output folder.
 """
 
 from __future__ import annotations
@@ -27,7 +29,7 @@ import time
 from pathlib import Path
 from typing import Any
 
-EXPERIMENTS = ("pretrain-vs-sft", "synthetic-data", "post-training")  # post-training: diyllm/lab/post_training.py
+EXPERIMENTS = ("pretrain-vs-sft", "synthetic-data", "post-training", "masking")  # post-training: lab/post_training.py
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -37,6 +39,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--device", default="cpu")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--show", type=int, default=6, help="answers shown side by side")
+    parser.add_argument("--pretrain_shards", type=int, default=1,
+                        help="synthetic-data: split the pretraining documents over N files pretrain_00.jsonl, ...")
 
 
 def settings(quick: bool) -> dict[str, Any]:
@@ -50,12 +54,22 @@ def settings(quick: bool) -> dict[str, Any]:
                 pretrain_lr=3e-3, sft_lr=1e-3, tasks=("capital", "add", "reverse", "spell", "count"), system=True)
 
 
-def write_synthetic(out: Path, s: dict, seed: int) -> dict[str, Path]:
+def write_synthetic(out: Path, s: dict, seed: int, pretrain_shards: int = 1) -> dict[str, Path]:
+    """pretrain.jsonl ({"text"} rows), sft_train/sft_val.jsonl (conversations). With pretrain_shards > 1
+    the pretraining documents are dealt round-robin into pretrain_00.jsonl, pretrain_01.jsonl, ... instead
+    (several files, as a streaming source over a glob expects)."""
     from diyllm.data.synthetic import make_splits, plain_text_corpus, write_jsonl
 
     train, val = make_splits(s["sft_train"], s["sft_val"], seed, s["tasks"], s["system"])
-    paths = {"pretrain": out / "pretrain.jsonl", "train": out / "sft_train.jsonl", "val": out / "sft_val.jsonl"}
-    write_jsonl(paths["pretrain"], [{"text": t} for t in plain_text_corpus(s["pretrain_docs"], seed, s["tasks"])])
+    docs = [{"text": t} for t in plain_text_corpus(s["pretrain_docs"], seed, s["tasks"])]
+    paths = {"train": out / "sft_train.jsonl", "val": out / "sft_val.jsonl"}
+    if pretrain_shards > 1:
+        for i in range(pretrain_shards):
+            paths[f"pretrain_{i:02d}"] = out / f"pretrain_{i:02d}.jsonl"
+            write_jsonl(paths[f"pretrain_{i:02d}"], docs[i::pretrain_shards])
+    else:
+        paths["pretrain"] = out / "pretrain.jsonl"
+        write_jsonl(paths["pretrain"], docs)
     write_jsonl(paths["train"], train)
     write_jsonl(paths["val"], val)
     return paths
@@ -137,18 +151,33 @@ def _pretrain_vs_sft(out: Path, s: dict, quick: bool, device: str, seed: int, sh
     cfg, source, model = prepare_sft(sft_cfg)
     post = train(cfg, source=source, model=model)
 
-    log("[4/4] asking the fine-tuned model the same questions")
+    log("[4/5] asking the fine-tuned model the same questions")
     tuned, tuned_tok, _ = load_model(out / "sft" / "best.pt", device=device)
     after, after_replies = exact_match(tuned, tuned_tok, val, return_replies=True)
+
+    log(f"[5/5] the same SFT from a random init (no pretraining), {s['sft_iters']} iterations, then the same questions")
+    from diyllm.data.sft import SFTSource
+
+    scratch_cfg = dataclasses.replace(sft_cfg, data_format="sft", init_from="scratch",
+                                      tokenizer_path=str(out / "data" / "tokenizer.json"),
+                                      out_dir=str(out / "sft_from_scratch"))
+    scratch_source = SFTSource(scratch_cfg, tokenizer=byte_tokenizer())
+    scratch_cfg = dataclasses.replace(scratch_cfg, vocab_size=scratch_source.vocab_size)
+    scratch = train(scratch_cfg, source=scratch_source)
+    fresh, fresh_tok, _ = load_model(out / "sft_from_scratch" / "best.pt", device=device)
+    from_scratch, scratch_replies = exact_match(fresh, fresh_tok, val, return_replies=True)
 
     report = {
         "settings": {k: list(v) if isinstance(v, tuple) else v for k, v in s.items()},
         "held_out_questions": len(val),
-        "exact_match_before": before, "exact_match_after": after,
+        "exact_match_before": before, "exact_match_after": after, "exact_match_sft_from_scratch": from_scratch,
         "per_task_before": per_task(val, before_replies), "per_task_after": per_task(val, after_replies),
+        "per_task_sft_from_scratch": per_task(val, scratch_replies),
         "pretrain_val_loss": pre.best_val_loss, "sft_val_loss": post.best_val_loss,
+        "sft_from_scratch_val_loss": scratch.best_val_loss,
         "examples": [{"question": c["conversations"][-2]["content"], "answer": c["conversations"][-1]["content"],
-                      "before": b, "after": a} for c, b, a in zip(val[:show], before_replies, after_replies)],
+                      "before": b, "after": a, "from_scratch": f}
+                     for c, b, a, f in zip(val[:show], before_replies, after_replies, scratch_replies)],
         "seconds": time.perf_counter() - t0,
     }
     (out / "report.json").write_text(json.dumps(report, indent=2) + "\n", encoding="utf-8")
@@ -156,25 +185,49 @@ def _pretrain_vs_sft(out: Path, s: dict, quick: bool, device: str, seed: int, sh
     return report
 
 
+ARMS = (  # (name, data, task, loss span, what it learns, report key)
+    ("pretrained only", "plain sentences", "continue the text", "every token",
+     "facts as text, no chat format", "exact_match_before"),
+    ("pretrain + SFT", "+ conversations", "answer in the chat format", "assistant replies only",
+     "the format on top of them", "exact_match_after"),
+    ("SFT from scratch", "conversations only", "answer in the chat format", "assistant replies only",
+     "format + what SFT data shows", "exact_match_sft_from_scratch"),
+)
+
+
 def print_report(r: dict[str, Any], out: Path) -> None:
-    print(f"\nexact match on {r['held_out_questions']} held-out questions: "
-          f"pretrained {r['exact_match_before']:.1%}  ->  after SFT {r['exact_match_after']:.1%}")
-    print(f"{'task':<10}{'before':>8}{'after':>8}")
+    n = r["held_out_questions"]
+    print(f"\nthe three arms on {n} held-out questions (exact match):")
+    print(f"{'arm':<18}{'data':<20}{'task':<27}{'loss on':<24}{'what was learned':<30}{'exact match':>11}")
+    for name, data, task, span, learned, key in ARMS:
+        print(f"{name:<18}{data:<20}{task:<27}{span:<24}{learned:<30}{r[key]:>11.1%}")
+    print(f"\n{'task':<10}{'pretrained':>11}{'+ SFT':>8}{'SFT only':>10}")
     for task, acc in r["per_task_after"].items():
-        print(f"{task:<10}{r['per_task_before'].get(task, 0):>8.0%}{acc:>8.0%}")
+        print(f"{task:<10}{r['per_task_before'].get(task, 0):>11.0%}{acc:>8.0%}"
+              f"{r['per_task_sft_from_scratch'].get(task, 0):>10.0%}")
     print("\nside by side (before = the pretrained model's reply to the same chat prompt):")
     for e in r["examples"]:
         print(f"  Q: {e['question']}   (expected: {e['answer']})")
-        print(f"     before: {e['before'][:70]!r}")
-        print(f"     after:  {e['after'][:70]!r}")
+        print(f"     before:       {e['before'][:70]!r}")
+        print(f"     after:        {e['after'][:70]!r}")
+        print(f"     from scratch: {e['from_scratch'][:70]!r}")
     print(f"\n{r['seconds']:.0f}s in all; runs, data and report.json in {out}")
 
 
 def run(args: argparse.Namespace) -> int:
     out = Path(args.out or f"runs/lab/{args.experiment}")
+    if args.experiment == "masking":
+        from diyllm.lab.masking import run_masking
+
+        r = run_masking(quick=args.quick, seed=args.seed)
+        return 0 if r["val_loss"]["causal"] < r["val_loss"]["mlm-style"] else 1
     if args.experiment == "synthetic-data":
         s = settings(args.quick)
-        paths = write_synthetic(out, s, args.seed)
+        if args.pretrain_shards < 1:
+            from diyllm.errors import UserError
+
+            raise UserError(f"--pretrain_shards {args.pretrain_shards}: need at least 1 file")
+        paths = write_synthetic(out, s, args.seed, args.pretrain_shards)
         byte_tokenizer().save(out / "tokenizer.json")  # found automatically beside the data
         print("wrote " + ", ".join(str(p) for p in paths.values()) + f" and {out / 'tokenizer.json'}")
         return 0

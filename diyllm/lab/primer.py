@@ -6,6 +6,13 @@
    first iterations, so the optimizer every later chapter uses is not a black box.
 
 All three end with w ≈ 2. This is page one of the curriculum (docs/curriculum.md).
+
+More parts (`diyllm primer --part NAME`, all of them with `--part all`):
+  chain_rule   a 3-weight model, every local derivative by hand, multiplied along the chain, vs autograd
+  clip         gradient clipping worked through: the global norm before and after
+  adamw_wd     AdamW *with* decoupled weight decay and the betas the training configs use
+  xent         cross-entropy = -log P(correct), on three probabilities
+  per_sample   lr 0.1 on y = 2x: full batch vs one update per sample, and when the latter diverges
 """
 
 from __future__ import annotations
@@ -116,10 +123,28 @@ def run_primer(echo=print) -> PrimerResult:
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
+    from diyllm.lab.primer_parts import PARTS
+
     parser.add_argument("--quiet", action="store_true", help="print only the final weights")
+    parser.add_argument("--part", choices=["descent", *PARTS, "all"], default="descent",
+                        help="descent (default): the three ways to fit y = 2x; " + "; ".join(
+                            f"{name}: {fn.__doc__.splitlines()[0].rstrip('.')}" for name, fn in PARTS.items())
+                        + "; all: every part")
 
 
 def run(args: argparse.Namespace) -> int:
+    from diyllm.lab.primer_parts import PARTS
+
+    part = getattr(args, "part", "descent")
+    if part != "descent":
+        echo = (lambda *a: None) if args.quiet else print
+        for name, fn in PARTS.items():
+            if part in (name, "all"):
+                echo(f"--- {name} ---")
+                fn(echo=echo)
+                echo("")
+        if part != "all":
+            return 0
     result = run_primer(echo=(lambda *a: None) if args.quiet else print)
     if args.quiet:
         print(f"final w: by hand {result.by_hand[-1]:.6f}, autograd {result.autograd[-1]:.6f}, "

@@ -231,7 +231,7 @@ def run_sweep(plan: SweepPlan, panels: tuple[str, ...] = ("loss",), x: str = "st
     dirs = [plan.out_root / n for n in plan.names if (plan.out_root / n / "metrics.jsonl").is_file()]
     if not dirs:
         raise UserError(f"no run of the sweep produced metrics under {plan.out_root}")
-    table = compare_runs(dirs, plan.out_root / "compare.md")
+    table = compare_runs(dirs, plan.out_root / "compare.md", analysis=True, samples=True)
     plot_runs([read_run(d) for d in dirs], plan.out_root / "compare.png", x=x, panels=panels,
               title=plan.description.split("\n")[0][:90] or f"sweep {plan.out_root.name}")
     print(table, end="")

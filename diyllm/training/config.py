@@ -67,6 +67,8 @@ class TrainConfig:
     shuffle_buffer: int = 10000  # streaming: documents held in the shuffle buffer
     # --- issue 14: sharded datasets ---
     batch_sampling: str = "random"  # bin data: random windows | doc_aligned (each window starts a document)
+    # --- issue 20: dynamic padding ---
+    dynamic_padding: bool = False  # jsonl pad / sft: pad each batch to its longest row, not context_length
     # ---- optimisation ----
     max_iters: int = 5000
     learning_rate: float = 1e-3
