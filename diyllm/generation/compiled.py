@@ -27,7 +27,7 @@ from collections.abc import Iterator
 import torch
 from torch import nn
 
-from diyllm.generation.sampling import apply_repetition_penalty, sample_next
+from diyllm.generation.sampling import ContextFullWarning, DecodeStep, apply_repetition_penalty, sample_next
 from diyllm.model.kv_cache import StaticKVCache
 
 # model -> {(batch, dtype): StaticDecoder}; weak, so a dropped model frees its caches and graphs.
@@ -151,7 +151,6 @@ def decode_compiled(model, prompts, max_new_tokens, temperature, top_k, top_p, r
 
     Left-padded batches, the sliding window (re-prefill the last 3/4 when the cache is full) and
     `context="stop"` behave exactly as in the eager loop."""
-    from diyllm.generation.generate import ContextFullWarning, DecodeStep
 
     dec = decoder_for(model, len(prompts), compile)
     device, ctx = dec.device, dec.max_len

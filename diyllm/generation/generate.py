@@ -26,34 +26,15 @@ from __future__ import annotations
 
 import warnings
 from collections.abc import Iterator, Sequence
-from dataclasses import dataclass
 
 import torch
 from torch import nn
 
-from diyllm.generation.sampling import apply_repetition_penalty, sample_next
+from diyllm.generation.sampling import ContextFullWarning, DecodeStep, apply_repetition_penalty, sample_next
 from diyllm.model.kv_cache import KVCache
 from diyllm.model.layers import frozen_fused_weights
 
 CONTEXT_MODES = ("slide", "stop")
-
-
-class ContextFullWarning(RuntimeWarning):
-    """Generation stopped early because the next token would not fit in the model's context window."""
-
-
-@dataclass
-class DecodeStep:
-    """What one decoding step produced, for every row of the batch.
-
-    tokens: (B,) the sampled ids. logits: (B, V) the model's raw logits they were sampled from (before
-    repetition penalty / temperature / filtering). finished: (B,) True for rows that had already hit a
-    stop token before this step (their token is filler and must be ignored).
-    """
-
-    tokens: torch.Tensor
-    logits: torch.Tensor
-    finished: torch.Tensor
 
 
 def _as_batch(prompt_ids: Sequence[int] | Sequence[Sequence[int]]) -> tuple[list[list[int]], bool]:

@@ -10,6 +10,8 @@ sample. Temperature 0 means greedy (argmax after the repetition penalty).
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 import torch
 
 
@@ -82,3 +84,21 @@ def sample_next(
         return logits.argmax(dim=-1)
     probs = torch.softmax(filter_logits(logits, temperature, top_k, top_p), dim=-1)
     return torch.multinomial(probs, 1, generator=generator).squeeze(-1)
+
+
+class ContextFullWarning(RuntimeWarning):
+    """Generation stopped early because the next token would not fit in the model's context window."""
+
+
+@dataclass
+class DecodeStep:
+    """What one decoding step produced, for every row of the batch.
+
+    tokens: (B,) the sampled ids. logits: (B, V) the model's raw logits they were sampled from (before
+    repetition penalty / temperature / filtering). finished: (B,) True for rows that had already hit a
+    stop token before this step (their token is filler and must be ignored).
+    """
+
+    tokens: torch.Tensor
+    logits: torch.Tensor
+    finished: torch.Tensor

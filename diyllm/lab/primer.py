@@ -23,6 +23,7 @@ from dataclasses import dataclass
 
 import torch
 
+from diyllm.lab.primer_parts import PARTS, adam_moments
 from diyllm.training.optim import AdamW
 
 XS = (1.0, 2.0, 3.0, 4.0)
@@ -91,9 +92,7 @@ def descend_with_adamw(
         opt.zero_grad(set_to_none=True)
         loss.backward()
         g = w.grad.item()
-        m = b1 * m + (1 - b1) * g
-        v = b2 * v + (1 - b2) * g * g
-        m_hat, v_hat = m / (1 - b1**step), v / (1 - b2**step)
+        m, v, m_hat, v_hat = adam_moments(m, v, g, step, betas)
         update = lr * m_hat / (math.sqrt(v_hat) + eps)
         before = w.item()
         opt.step()
@@ -123,8 +122,6 @@ def run_primer(echo=print) -> PrimerResult:
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
-    from diyllm.lab.primer_parts import PARTS
-
     parser.add_argument("--quiet", action="store_true", help="print only the final weights")
     parser.add_argument("--part", choices=["descent", *PARTS, "all"], default="descent",
                         help="descent (default): the three ways to fit y = 2x; " + "; ".join(
@@ -133,8 +130,6 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    from diyllm.lab.primer_parts import PARTS
-
     part = getattr(args, "part", "descent")
     if part != "descent":
         echo = (lambda *a: None) if args.quiet else print

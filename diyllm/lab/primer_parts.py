@@ -22,6 +22,15 @@ Echo = Callable[..., None]
 XS = (1.0, 2.0, 3.0, 4.0)  # the primer's data: y = 2x
 
 
+def adam_moments(m: float, v: float, g: float, step: int, betas: tuple[float, float]) -> tuple[float, ...]:
+    """One step of Adam's running averages by hand: (m, v, m_hat, v_hat) after gradient g at `step` (from 1).
+    m and v start at 0, so early on they are biased towards 0; dividing by 1 − β^step removes that."""
+    b1, b2 = betas
+    m = b1 * m + (1 - b1) * g
+    v = b2 * v + (1 - b2) * g * g
+    return m, v, m / (1 - b1**step), v / (1 - b2**step)
+
+
 def chain_rule(x: float = 1.5, y: float = 1.0, w1: float = 0.8, w2: float = -0.5, b: float = 0.3,
                echo: Echo = print) -> dict[str, tuple[float, float]]:
     """Backpropagation on a 3-weight model, every local derivative by hand, checked against autograd.
@@ -84,7 +93,6 @@ def adamw_wd(steps: int = 200, lr: float = 0.1, betas: tuple[float, float] = (0.
     x = torch.tensor(XS, dtype=torch.float64)
     w = torch.nn.Parameter(torch.tensor(0.0, dtype=torch.float64))
     opt = AdamW([w], lr=lr, betas=betas, eps=eps, weight_decay=weight_decay)
-    b1, b2 = betas
     m = v = 0.0
     w_hand = 0.0
     history = []
@@ -94,9 +102,7 @@ def adamw_wd(steps: int = 200, lr: float = 0.1, betas: tuple[float, float] = (0.
         opt.zero_grad(set_to_none=True)
         loss.backward()
         g = w.grad.item()
-        m = b1 * m + (1 - b1) * g
-        v = b2 * v + (1 - b2) * g * g
-        m_hat, v_hat = m / (1 - b1**step), v / (1 - b2**step)
+        m, v, m_hat, v_hat = adam_moments(m, v, g, step, betas)
         decay = lr * weight_decay * w_hand
         w_hand = w_hand - decay - lr * m_hat / (math.sqrt(v_hat) + eps)
         opt.step()
