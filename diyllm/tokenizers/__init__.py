@@ -45,4 +45,5 @@ def load_tokenizer(path: str | os.PathLike) -> Tokenizer:
         raise UserError(f"{path}: malformed {kind} tokenizer file ({type(exc).__name__}: {exc})") from None
 
 
-__all__ = ["BPETokenizer", "CharTokenizer", "GPT2_PATTERN", "Tokenizer", "byte_tokenizer", "load_tokenizer", "train_bpe"]
+__all__ = ["BPETokenizer", "CharTokenizer", "GPT2_PATTERN", "Tokenizer", "byte_tokenizer", "load_tokenizer",
+           "train_bpe"]
