@@ -47,7 +47,8 @@ def test_dynamic_padding_gives_narrower_batches_with_the_same_loss(tmp_path, fmt
         from diyllm.data.sft import SFTSource as Source
     else:
         Source = JsonlPretrainSource
-    fixed, dynamic = Source(TrainConfig(**common)), Source(TrainConfig(**common, dynamic_padding=True))
+    fixed = Source.from_config(TrainConfig(**common))
+    dynamic = Source.from_config(TrainConfig(**common, dynamic_padding=True))
     model = DIYForCausalLM(DIYConfig(vocab_size=fixed.vocab_size, context_length=96, d_model=32, num_layers=1,
                                      num_heads=2))
     for _ in range(4):

@@ -13,6 +13,7 @@ one after another. Throughput (new tokens per second) goes to stderr.
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import sys
 import time
 import warnings
@@ -78,6 +79,7 @@ def _check_options(args: argparse.Namespace) -> None:
 
 def run(args: argparse.Namespace) -> int:
     from diyllm.generation.generate import generate
+    from diyllm.generation.sampling import SamplingParams
     from diyllm.generation.text import stream_text
     from diyllm.loading import load_model
     from diyllm.training.device import resolve_device
@@ -93,11 +95,11 @@ def run(args: argparse.Namespace) -> int:
     if args.context == "stop" and len(ids) > ctx:
         raise UserError(f"--prompt is {len(ids)} tokens, longer than the model's context of {ctx} tokens, and "
                         "--context stop keeps every prompt token; shorten it or use --context slide")
-    options = dict(temperature=args.temperature, top_k=args.top_k, top_p=args.top_p,
-                   repetition_penalty=args.repetition_penalty, seed=args.seed, use_cache=not args.no_cache,
-                   context=args.context, vocab_limit=tokenizer.vocab_size, compile=args.compile)
     eot = getattr(tokenizer, "eot_id", None)
-    stop_ids = [eot] if eot is not None else []
+    params = SamplingParams(temperature=args.temperature, top_k=args.top_k, top_p=args.top_p,
+                            repetition_penalty=args.repetition_penalty, seed=args.seed, use_cache=not args.no_cache,
+                            context=args.context, vocab_limit=tokenizer.vocab_size,
+                            stop_ids=(eot,) if eot is not None else (), compile=args.compile)
     if args.seed is not None:
         torch.manual_seed(args.seed)
 
@@ -109,7 +111,7 @@ def run(args: argparse.Namespace) -> int:
             stats: dict = {}
             sys.stdout.write(args.prompt)
             for piece in stream_text(model, tokenizer, ids, args.max_new_tokens, stop_strings=args.stop,
-                                     stats=stats, **options):
+                                     stats=stats, params=params):
                 sys.stdout.write(piece)
                 sys.stdout.flush()
             sys.stdout.write("\n")
@@ -118,8 +120,8 @@ def run(args: argparse.Namespace) -> int:
             done = 0
             while done < args.num_samples:  # in batches: memory stays that of SAMPLE_BATCH samples
                 n = min(SAMPLE_BATCH, args.num_samples - done)
-                rows = generate(model, [ids] * n, args.max_new_tokens, stop_ids=stop_ids,
-                                **{**options, "seed": None if args.seed is None else args.seed + done})
+                seed = None if args.seed is None else args.seed + done
+                rows = generate(model, [ids] * n, args.max_new_tokens, dataclasses.replace(params, seed=seed))
                 num_tokens += sum(len(r) for r in rows)
                 for i, row in enumerate(rows, start=done + 1):
                     text = tokenizer.decode(row)

@@ -161,7 +161,7 @@ def _pretrain_vs_sft(out: Path, s: dict, quick: bool, device: str, seed: int, sh
     scratch_cfg = dataclasses.replace(sft_cfg, data_format="sft", init_from="scratch",
                                       tokenizer_path=str(out / "data" / "tokenizer.json"),
                                       out_dir=str(out / "sft_from_scratch"))
-    scratch_source = SFTSource(scratch_cfg, tokenizer=byte_tokenizer())
+    scratch_source = SFTSource.from_config(scratch_cfg, tokenizer=byte_tokenizer())
     scratch_cfg = dataclasses.replace(scratch_cfg, vocab_size=scratch_source.vocab_size)
     scratch = train(scratch_cfg, source=scratch_source)
     fresh, fresh_tok, _ = load_model(out / "sft_from_scratch" / "best.pt", device=device)

@@ -20,12 +20,8 @@ import numpy as np
 import torch
 
 from diyllm.errors import UserError
+from diyllm.model.config import SHAPE_FIELDS
 from diyllm.training.distributed import DistInfo, gather_objects
-
-# DIYConfig fields that decide the weights' shapes/meaning: a checkpoint must agree on all of them.
-SHAPE_FIELDS = ("vocab_size", "context_length", "d_model", "num_layers", "num_heads", "num_kv_heads", "d_ff",
-                "tie_embeddings", "rope_theta", "norm_eps")
-
 
 # ---- RNGs ----------------------------------------------------------------------------------------------
 

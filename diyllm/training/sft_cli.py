@@ -21,11 +21,11 @@ from typing import Any
 from torch import nn
 
 from diyllm.errors import UserError
+from diyllm.model.config import SHAPE_FIELDS
 from diyllm.model.vocab import resize_vocabulary  # noqa: F401  (re-exported: callers import it here)
 
 ACCEPTS_OVERRIDES = True
-SHAPE_KEYS = ("vocab_size", "context_length", "d_model", "num_layers", "num_heads", "num_kv_heads", "d_ff",
-              "rope_theta", "norm_eps", "tie_embeddings", "init_std")
+SHAPE_KEYS = SHAPE_FIELDS + ("init_std",)  # what the SFT run takes from the checkpoint it starts from
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -69,7 +69,7 @@ def prepare_sft(cfg: Any) -> tuple[Any, Any, nn.Module | None]:
         ckpt = read_checkpoint(path)
         tok = tokenizer_from_text(ckpt.get("tokenizer"), str(path))
         cfg = dataclasses.replace(cfg, **{k: ckpt["model_config"][k] for k in SHAPE_KEYS if k in ckpt["model_config"]})
-        return cfg, SFTSource(cfg, tokenizer=tok), None
+        return cfg, SFTSource.from_config(cfg, tokenizer=tok), None
 
     path = cfg.init_from
     model, tok, _ = load_model(path)  # a .pt, a run folder, or hf:DIR
@@ -82,7 +82,7 @@ def prepare_sft(cfg: Any) -> tuple[Any, Any, nn.Module | None]:
         check_tokenizer_matches(tok, load_tokenizer(cfg.tokenizer_path), cfg.tokenizer_path, path)
     # The model's shape wins over the config's (the weights exist already); sequences must fit its context.
     cfg = dataclasses.replace(cfg, **{k: getattr(model.config, k) for k in SHAPE_KEYS if k != "vocab_size"})
-    source = SFTSource(cfg, tokenizer=tok)
+    source = SFTSource.from_config(cfg, tokenizer=tok)
     added = resize_vocabulary(model, source.vocab_size)
     if added:
         print(f"added chat tokens {added} to the tokenizer; embedding/lm_head rows initialised to the mean row")
