@@ -21,7 +21,7 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "info": ("diyllm.info", "print versions, device and thread count"),
     "demo": ("diyllm.lab.demo", "offline end-to-end demo: prepare, train, plot, sample"),
     "overfit": ("diyllm.training.overfit", "the minimal training loop: overfit one tiny batch"),
-    "prepare": ("diyllm.data.prepare", "tokenize a corpus into train.bin/val.bin"),
+    "prepare": ("diyllm.data.prepare", "tokenize a corpus into a sharded dataset (resumable)"),
     "inspect-data": ("diyllm.data.inspect", "look inside a prepared dataset"),
     "train": ("diyllm.training.cli", "pretrain a model from a config file plus --key=value overrides"),
     "sft": ("diyllm.training.sft_cli", "supervised fine-tuning on conversations (same loop as train)"),

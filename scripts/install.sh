@@ -15,5 +15,5 @@ if ! "$PYTHON" -c "import torch" >/dev/null 2>&1; then
     "$PYTHON" -m pip install "torch==${TORCH_VERSION:-2.13.0}"
   fi
 fi
-"$PYTHON" -m pip install -e ".[dev]"
+"$PYTHON" -m pip install -e ".[dev,data]"
 "$PYTHON" -c "import diyllm, torch; print(f'diyllm {diyllm.__version__} installed with torch {torch.__version__}')"

@@ -9,6 +9,7 @@ import numpy as np
 import pytest
 
 from diyllm.cli import main
+from diyllm.data import encode as encode_mod
 from diyllm.data import get_batch, load_split, prepare_dataset, read_meta
 from diyllm.data import prepare as prepare_mod
 from diyllm.data.recipes import pystdlib_files
@@ -50,17 +51,18 @@ def test_bpe_folder_split_by_document(tmp_path):
     meta = prepare_dataset(docs, tmp_path / "o1", vocab_size=300, verbose=False, val_fraction=0.2, seed=3)
     tok = load_tokenizer(tmp_path / "o1" / "tokenizer.json")
     train, val = _read(tmp_path / "o1", "train"), _read(tmp_path / "o1", "val")
-    assert meta["train_documents"] == 16 and meta["val_documents"] == 4
+    assert meta["train_documents"] + meta["val_documents"] == 20 and meta["val_documents"] >= 1
+    assert meta["split_mode"] == "hash" and meta["duplicates_dropped"] == 0
     assert train[-1] == tok.eot_id and val[-1] == tok.eot_id
     got = [d for d in (tok.decode(train.tolist()) + tok.decode(val.tolist())).split(EOT) if d]
     assert sorted(got) == sorted(texts.values())
     assert len(meta["sources"]) == 20
     # deterministic: same seed, same bytes; another seed, another split
     prepare_dataset(docs, tmp_path / "o2", vocab_size=300, verbose=False, val_fraction=0.2, seed=3)
-    assert (tmp_path / "o1" / "val.bin").read_bytes() == (tmp_path / "o2" / "val.bin").read_bytes()
+    assert (tmp_path / "o1" / "val_00000.bin").read_bytes() == (tmp_path / "o2" / "val_00000.bin").read_bytes()
     prepare_dataset(docs, tmp_path / "o3", vocab_size=300, verbose=False, val_fraction=0.2, seed=4,
                     tokenizer=tmp_path / "o1" / "tokenizer.json")
-    assert (tmp_path / "o1" / "val.bin").read_bytes() != (tmp_path / "o3" / "val.bin").read_bytes()
+    assert (tmp_path / "o1" / "val_00000.bin").read_bytes() != (tmp_path / "o3" / "val_00000.bin").read_bytes()
 
 
 def test_jsonl_and_bad_lines(tmp_path):
@@ -114,31 +116,42 @@ def test_uint32_for_large_vocab(tmp_path):
     assert meta["vocab_size"] == len(chars) > 65536 and meta["dtype"] == "uint32"
     data = np.concatenate([_read(tmp_path / "out", "train"), _read(tmp_path / "out", "val")])
     assert data.dtype == np.uint32 and data.max() == len(chars) - 1
-    assert (tmp_path / "out" / "train.bin").stat().st_size == 4 * meta["train_tokens"]
+    assert (tmp_path / "out" / "train_00000.bin").stat().st_size == 4 * meta["train_tokens"]
 
 
-def test_interrupted_run_leaves_nothing(tmp_path, monkeypatch):
+def test_interrupted_run_is_visibly_unfinished_and_resumes(tmp_path, monkeypatch):
     src = tmp_path / "in.txt"
     src.write_text(TEXT)
+    prepare_dataset(src, tmp_path / "clean", tokenizer_kind="char", verbose=False)
+    real = encode_mod.JobEncoder.__call__
 
     def boom(self, job):
         raise KeyboardInterrupt
 
-    monkeypatch.setattr(prepare_mod._JobEncoder, "__call__", boom)
+    monkeypatch.setattr(encode_mod.JobEncoder, "__call__", boom)
     with pytest.raises(KeyboardInterrupt):
         prepare_dataset(src, tmp_path / "out", tokenizer_kind="char", verbose=False)
-    assert list(tmp_path.iterdir()) == [src]
+    assert not (tmp_path / "out" / "meta.json").exists()  # no manifest: not a dataset yet
+    with pytest.raises(UserError, match="unfinished prepare"):
+        load_split(tmp_path / "out", "train")
+    monkeypatch.setattr(encode_mod.JobEncoder, "__call__", real)
+    prepare_dataset(src, tmp_path / "out", tokenizer_kind="char", verbose=False)
+    for split in ("train", "val"):
+        assert _read(tmp_path / "out", split).tolist() == _read(tmp_path / "clean", split).tolist()
+    assert sorted(p.name for p in (tmp_path / "out").iterdir() if p.name.startswith(".")) == []
 
 
 def test_parallel_encoding_equals_serial(tmp_path, monkeypatch):
     src = tmp_path / "in.txt"
     src.write_text(TEXT * 4)
-    monkeypatch.setattr(prepare_mod, "JOB_CHARS", 4096)  # many jobs, long document cut safely
-    prepare_dataset(src, tmp_path / "s", vocab_size=300, verbose=False, num_workers=1)
+    monkeypatch.setattr(encode_mod, "JOB_CHARS", 4096)  # many jobs, long document cut safely
+    prepare_dataset(src, tmp_path / "s", vocab_size=300, verbose=False, num_workers=1, shard_tokens=1000)
     monkeypatch.setattr(prepare_mod, "PARALLEL_MIN_BYTES", 0)
-    prepare_dataset(src, tmp_path / "p", vocab_size=300, verbose=False, num_workers=2)
-    for split in ("train", "val"):
-        assert (tmp_path / "s" / f"{split}.bin").read_bytes() == (tmp_path / "p" / f"{split}.bin").read_bytes()
+    prepare_dataset(src, tmp_path / "p", vocab_size=300, verbose=False, num_workers=2, shard_tokens=1000)
+    names = sorted(p.name for p in (tmp_path / "s").glob("*_*.*"))
+    assert len(names) > 4 and names == sorted(p.name for p in (tmp_path / "p").glob("*_*.*"))
+    for name in names:
+        assert (tmp_path / "s" / name).read_bytes() == (tmp_path / "p" / name).read_bytes()
     tok = load_tokenizer(tmp_path / "s" / "tokenizer.json")
     train = _read(tmp_path / "s", "train").tolist()
     assert train == tok.encode(TEXT * 4)[: len(train) - 1] + [tok.eot_id]

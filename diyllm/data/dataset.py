@@ -1,60 +1,162 @@
-"""Reading a prepared dataset folder (train.bin / val.bin / meta.json / tokenizer.json).
+"""Reading a prepared dataset folder: manifest (meta.json), token shards, tokenizer.json; validated on open.
 
-The .bin files are raw little-endian token ids with no header; meta.json says the dtype. Keeping them
-headerless means `np.memmap` reads them directly and any tool can too.
+Shards are raw little-endian token ids with no header; meta.json says the dtype and lists the shards
+(`shards: {"train": [{"file", "tokens", "documents", "sha256", "offsets"}], "val": [...]}`). A folder
+from before sharding (train.bin / val.bin and a meta.json without "shards") reads as one shard per split.
+Keeping the files headerless means `np.memmap` reads them directly and any tool can too.
+
+`open_dataset` makes the checks `inspect-data` shows and the trainer needs, with the same messages: the
+manifest is a JSON object with a known dtype, every shard exists with the size the manifest says (a
+truncated or odd-sized file is named), a sample of ids is below vocab_size, and the splits are non-empty.
+Checksums are not recomputed on open (that would read the whole dataset); `inspect-data --verify` does it.
 """
 
 from __future__ import annotations
 
 import json
 import os
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 
+from diyllm.data.shards import ShardedTokens
 from diyllm.errors import UserError
 
 SPLITS = ("train", "val")
+DTYPES = ("uint16", "uint32", "int32", "int64")
+ID_SAMPLE = 1 << 15  # ids checked against vocab_size at the start and end of each shard
 
 
 def read_meta(data_dir: str | os.PathLike) -> dict[str, Any]:
     """The dataset's meta.json, with a clear error when the folder is not a prepared dataset."""
     path = Path(data_dir) / "meta.json"
+    if not Path(data_dir).is_dir():
+        raise UserError(f"{data_dir} is not a prepared dataset (no such folder); run `diyllm prepare` first")
     try:
         with open(path, encoding="utf-8") as f:
             meta = json.load(f)
     except FileNotFoundError:
-        raise UserError(f"{data_dir} is not a prepared dataset (no meta.json); run `diyllm prepare` first") from None
-    except json.JSONDecodeError as exc:
+        unfinished = (Path(data_dir) / ".diyllm-prepare.json").exists()
+        hint = " (an unfinished prepare: run the same command again)" if unfinished else ""
+        raise UserError(f"{data_dir} is not a prepared dataset (no meta.json){hint}; run `diyllm prepare` first"
+                        ) from None
+    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
         raise UserError(f"{path} is corrupt: {exc}") from None
-    if not isinstance(meta, dict) or "dtype" not in meta:
+    if not isinstance(meta, dict):
+        raise UserError(f"{path} holds a JSON {type(meta).__name__}, not an object; re-run `diyllm prepare`")
+    if "dtype" not in meta:
         raise UserError(f"{path} has no 'dtype' field; re-run `diyllm prepare`")
+    if meta["dtype"] not in DTYPES:
+        raise UserError(f"{path}: dtype {meta['dtype']!r} is not one of {DTYPES}; re-run `diyllm prepare`")
     return meta
 
 
-def load_split(data_dir: str | os.PathLike, split: str) -> np.memmap | np.ndarray:
-    """Memory-map `split` ("train" or "val") as a read-only 1-D array of token ids.
+def manifest_shards(meta: dict[str, Any]) -> dict[str, list[dict[str, Any]]]:
+    """{split: [shard entries]}; an old single-file dataset is one shard per split."""
+    if isinstance(meta.get("shards"), dict):
+        return {s: list(meta["shards"].get(s) or []) for s in SPLITS}
+    return {s: [{"file": f"{s}.bin", "tokens": meta.get(f"{s}_tokens")}] for s in SPLITS}
 
-    Only the windows that are indexed get read from disk, so corpora larger than RAM are fine. An empty
-    split (e.g. prepared with --val_fraction 0) comes back as an empty ndarray, since mmap cannot map 0 bytes.
+
+def verify_sizes(data_dir: str | os.PathLike, meta: dict[str, Any]) -> list[str]:
+    """Problems with the shard files (missing, odd byte count, size not what the manifest says)."""
+    folder, itemsize = Path(data_dir), np.dtype(meta["dtype"]).itemsize
+    problems = []
+    for split, shards in manifest_shards(meta).items():
+        total = 0
+        for s in shards:
+            path = folder / str(s.get("file"))
+            if not path.is_file():
+                problems.append(f"{path} is missing; the dataset folder is incomplete, re-run `diyllm prepare`")
+                continue
+            size = path.stat().st_size
+            if size % itemsize:
+                problems.append(f"{path} has {size} bytes, not a multiple of {itemsize} ({meta['dtype']}); "
+                                "the file is damaged, re-run `diyllm prepare`")
+                continue
+            expected = s.get("tokens")
+            if expected is not None and int(expected) != size // itemsize:
+                problems.append(f"{path} holds {size // itemsize} tokens but meta.json says {expected} "
+                                "(truncated or damaged?); re-run `diyllm prepare`")
+            total += size // itemsize
+        if "shards" in meta and meta.get(f"{split}_tokens") is not None and total != meta[f"{split}_tokens"] \
+                and not problems:
+            said = meta[f"{split}_tokens"]
+            problems.append(f"{folder}: the {split} shards hold {total} tokens but meta.json says {said}")
+    return problems
+
+
+@dataclass
+class Dataset:
+    """An opened, validated dataset folder."""
+
+    path: Path
+    meta: dict[str, Any]
+    splits: dict[str, ShardedTokens]
+    vocab_size: int
+
+    def split(self, name: str) -> Any:
+        """The split as one array: the memmap itself for one shard, else a ShardedTokens."""
+        data = self.splits[name]
+        if len(data.arrays) == 1:
+            return data.arrays[0]
+        return data
+
+
+def _memmap(path: Path, dtype: np.dtype) -> Any:
+    if path.stat().st_size == 0:
+        return np.zeros(0, dtype=dtype)
+    return np.memmap(path, dtype=dtype, mode="r")
+
+
+def open_dataset(data_dir: str | os.PathLike, *, require_val: bool = False, min_tokens: int = 1) -> Dataset:
+    """Open and validate a dataset folder (see the module docstring); UserError names what is wrong."""
+    folder = Path(data_dir)
+    meta = read_meta(folder)
+    problems = verify_sizes(folder, meta)
+    if problems:
+        raise UserError(problems[0])
+    dtype = np.dtype(meta["dtype"]).newbyteorder("<")
+    splits = {}
+    for split, shards in manifest_shards(meta).items():
+        arrays = [_memmap(folder / s["file"], dtype) for s in shards]
+        offsets = [folder / s["offsets"] if s.get("offsets") else None for s in shards]
+        splits[split] = ShardedTokens(arrays, offsets, meta.get("eot_id"))
+    vocab = meta.get("vocab_size")
+    if vocab is not None and (not isinstance(vocab, int) or isinstance(vocab, bool) or vocab < 1):
+        raise UserError(f"{folder / 'meta.json'}: vocab_size must be a positive integer, not {vocab!r}")
+    if vocab is None:  # a hand-made folder: the largest id seen decides
+        vocab = int(max((int(np.max(a)) for d in splits.values() for a in d.arrays if len(a)), default=0)) + 1
+    for split, shards in manifest_shards(meta).items():
+        for s, arr in zip(shards, splits[split].arrays):
+            if not len(arr):
+                continue
+            sample = np.concatenate([np.asarray(arr[:ID_SAMPLE]), np.asarray(arr[-ID_SAMPLE:])])
+            if int(sample.max()) >= vocab or (sample.dtype.kind == "i" and int(sample.min()) < 0):
+                bad = int(sample.max()) if int(sample.max()) >= vocab else int(sample.min())
+                raise UserError(f"{folder / s['file']} holds token id {bad}, outside the vocabulary of {vocab} in "
+                                "meta.json: the data and its meta.json/tokenizer do not match; re-run `diyllm prepare`")
+    for split in SPLITS if require_val else ("train",):
+        if len(splits[split]) < min_tokens:
+            what = "empty" if len(splits[split]) == 0 else f"only {len(splits[split])} tokens"
+            raise UserError(f"the {split} split of {folder} is {what}, but training needs at least {min_tokens} "
+                            f"(context_length + 1); re-prepare with more data"
+                            + (" or a larger --val_fraction" if split == "val" else "") + ", or lower context_length")
+    return Dataset(folder, meta, splits, int(vocab))
+
+
+def load_split(data_dir: str | os.PathLike, split: str) -> Any:
+    """Memory-map `split` ("train" or "val") as a read-only 1-D array of token ids (validated).
+
+    Only the windows that are indexed get read from disk, so corpora larger than RAM are fine. One shard
+    comes back as its np.memmap (an empty split as an empty ndarray, since mmap cannot map 0 bytes);
+    several as a ShardedTokens, which indexes and slices like one array.
     """
     if split not in SPLITS:
         raise UserError(f"split must be one of {SPLITS}, not {split!r}")
-    meta = read_meta(data_dir)
-    dtype = np.dtype(meta["dtype"]).newbyteorder("<")
-    path = Path(data_dir) / f"{split}.bin"
-    if not path.is_file():
-        raise UserError(f"{path} is missing; the dataset folder is incomplete, re-run `diyllm prepare`")
-    size = path.stat().st_size
-    if size % dtype.itemsize:
-        raise UserError(f"{path} has {size} bytes, not a multiple of {dtype.itemsize} ({dtype}); the file is damaged")
-    expected = meta.get(f"{split}_tokens")
-    if expected is not None and expected != size // dtype.itemsize:
-        raise UserError(f"{path} holds {size // dtype.itemsize} tokens but meta.json says {expected}")
-    if size == 0:
-        return np.zeros(0, dtype=dtype)
-    return np.memmap(path, dtype=dtype, mode="r")
+    return open_dataset(data_dir).split(split)
 
 
 def tokenizer_path(data_dir: str | os.PathLike) -> Path:

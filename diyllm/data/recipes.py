@@ -4,6 +4,13 @@
                     site-packages and caches excluded; one document per file, files sorted), BPE 4096
   shakespeare       tinyshakespeare (1.1 MB), BPE 2048
   shakespeare_char  tinyshakespeare, one token per character (vocab 65)
+  tinystories       roneneldan/TinyStories from the Hugging Face Hub (Parquet, ~1 GB), BPE 8192
+  fineweb_edu       HuggingFaceFW/fineweb-edu sample-10BT (14 Parquet files, ~28 GB; --max_shards N), GPT-2's
+                    tokenizer when its files are in the Hugging Face cache, else BPE 32768
+  minimind          jingyaogong/minimind_dataset pretrain_hq.jsonl (~1.6 GB), BPE 6400
+
+The Hub recipes download through huggingface_hub into its cache (see diyllm.data.hub); offline, pass
+--input PATH (a file, folder or glob of local copies) or set HF_HUB_OFFLINE=1 with a filled cache.
 
 tinyshakespeare is downloaded once from its public URL into ~/.cache/diyllm (or $DIYLLM_CACHE) with a
 short timeout; offline, pass --input PATH to a local copy.
@@ -86,6 +93,18 @@ def _shakespeare_inputs(args: argparse.Namespace | None) -> list[str]:
     return [str(download(TINYSHAKESPEARE_URL, cache_dir() / "tinyshakespeare.txt"))]
 
 
+def _hub_inputs(source: str) -> Callable[[argparse.Namespace | None], list[str]]:
+    """Inputs of a Hub recipe: --input (local copies) when given, else the hf: source (resolved by prepare)."""
+
+    def inputs(args: argparse.Namespace | None) -> list[str]:
+        local = getattr(args, "input", None) if args is not None else None
+        if local:
+            return [local]
+        return [source]
+
+    return inputs
+
+
 RECIPES: dict[str, Recipe] = {
     "pystdlib": Recipe(
         "pystdlib",
@@ -99,6 +118,21 @@ RECIPES: dict[str, Recipe] = {
     ),
     "shakespeare_char": Recipe(
         "shakespeare_char", "tinyshakespeare, one token per character", _shakespeare_inputs, {"tokenizer_kind": "char"}
+    ),
+    "tinystories": Recipe(
+        "tinystories", "TinyStories (short stories in simple English), Parquet from the Hub",
+        _hub_inputs("hf:roneneldan/TinyStories/data/train-*.parquet"),
+        {"tokenizer_kind": "bpe", "vocab_size": 8192, "text_field": "text"},
+    ),
+    "fineweb_edu": Recipe(
+        "fineweb_edu", "FineWeb-Edu sample-10BT (educational web pages), Parquet from the Hub",
+        _hub_inputs("hf:HuggingFaceFW/fineweb-edu/sample/10BT/*.parquet"),
+        {"tokenizer_kind": "bpe", "vocab_size": 32768, "text_field": "text", "tokenizer": "gpt2-if-cached"},
+    ),
+    "minimind": Recipe(
+        "minimind", "MiniMind pretraining text (Chinese and English), JSONL from the Hub",
+        _hub_inputs("hf:jingyaogong/minimind_dataset/pretrain_hq.jsonl"),
+        {"tokenizer_kind": "bpe", "vocab_size": 6400, "text_field": "text"},
     ),
 }
 

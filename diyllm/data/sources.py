@@ -1,6 +1,6 @@
-"""Reading raw corpora as a stream of documents: text files, folders, globs and JSONL.
+"""Finding corpus files (files, folders, globs) and reading text files: UTF-8 decoding and the tail split.
 
-Everything here streams (files are read in blocks, JSONL line by line) so that preparing a corpus never
+Everything here streams (files are read in blocks) so that preparing a corpus never
 needs it in memory. Bad input is reported with the file and position so the user can fix it.
 """
 
@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import codecs
 import glob
-import json
 import os
 from collections.abc import Iterator
 from dataclasses import dataclass, field
@@ -17,7 +16,8 @@ from pathlib import Path
 from diyllm.errors import UserError
 
 # Extensions picked up when a folder is given (a glob selects anything it matches).
-TEXT_SUFFIXES = frozenset({".txt", ".text", ".md", ".rst", ".py", ".jsonl"})
+TEXT_SUFFIXES = frozenset({".txt", ".text", ".md", ".rst", ".py", ".jsonl", ".parquet"})
+DATA_FILE_ENDINGS = (".jsonl.gz", ".jsonl.zst")  # compressed JSONL, picked up in folders too
 READ_BLOCK = 1 << 20  # bytes read per block from a text file
 
 _bad_counter = [0]
@@ -62,7 +62,7 @@ def resolve_inputs(inputs: list[str] | str) -> list[Path]:
                 f
                 for f in p.rglob("*")
                 if f.is_file()
-                and f.suffix in TEXT_SUFFIXES
+                and (f.suffix in TEXT_SUFFIXES or f.name.lower().endswith(DATA_FILE_ENDINGS))
                 and not any(part.startswith(".") for part in f.relative_to(p).parts)
             )
             if not found:
@@ -79,10 +79,6 @@ def resolve_inputs(inputs: list[str] | str) -> list[Path]:
             seen.add(f.resolve())
             unique.append(f)
     return unique
-
-
-def is_jsonl(path: Path) -> bool:
-    return path.suffix == ".jsonl"
 
 
 class Utf8Decoder:
@@ -134,49 +130,6 @@ def iter_text_file(
             text = dec.decode(data)
             if text:
                 yield text
-
-
-def iter_jsonl(path: Path, on_bad_utf8: str, skip_bad_lines: bool, stats: ReadStats) -> Iterator[tuple[int, str]]:
-    """(line number, text) for each record {"text": ...}; blank lines are ignored.
-
-    A malformed line is an error naming file:line, or is skipped and counted with skip_bad_lines.
-    """
-    with open(path, "rb") as f:
-        offset = 0
-        for lineno, raw in enumerate(f, 1):
-            stats.bytes_read += len(raw)
-            dec = Utf8Decoder(path, on_bad_utf8, stats, offset)
-            offset += len(raw)
-            line = dec.decode(raw, final=True, line=lineno)
-            if not line.strip():
-                continue
-            try:
-                record = json.loads(line)
-                if not isinstance(record, dict) or "text" not in record:
-                    raise ValueError('expected an object with a "text" field')
-                text = record["text"]
-                if not isinstance(text, str):
-                    raise ValueError(f'"text" must be a string, got {type(text).__name__}')
-            except ValueError as exc:  # json.JSONDecodeError is a ValueError
-                msg = f"{path}:{lineno}: malformed JSONL line ({exc})"
-                if not skip_bad_lines:
-                    raise UserError(msg + "; fix it or pass --skip_bad_lines") from None
-                stats.skipped_lines += 1
-                if len(stats.skipped_examples) < 5:
-                    stats.skipped_examples.append(msg)
-                continue
-            yield lineno, text
-
-
-def count_lines(path: Path) -> int:
-    """Number of lines (newline-terminated or final partial), counted in binary blocks."""
-    n = 0
-    last = b"\n"
-    with open(path, "rb") as f:
-        while block := f.read(READ_BLOCK):
-            n += block.count(b"\n")
-            last = block[-1:]
-    return n + (last != b"\n")
 
 
 def tail_split_offset(path: Path, val_fraction: float, limit: int | None = None) -> int:

@@ -65,6 +65,8 @@ class TrainConfig:
     streaming: bool = False  # jsonl: stream files line by line through a DataLoader (corpora larger than memory)
     num_workers: int = 0  # streaming: DataLoader worker processes
     shuffle_buffer: int = 10000  # streaming: documents held in the shuffle buffer
+    # --- issue 14: sharded datasets ---
+    batch_sampling: str = "random"  # bin data: random windows | doc_aligned (each window starts a document)
     # ---- optimisation ----
     max_iters: int = 5000
     learning_rate: float = 1e-3
@@ -141,6 +143,8 @@ class TrainConfig:
         need(self.data_format in DATA_FORMATS, f"data_format={self.data_format!r} must be one of {DATA_FORMATS}")
         need(self.attn_impl in ("sdpa", "diy"), f"attn_impl={self.attn_impl!r} must be sdpa or diy")
         need(self.jsonl_mode in ("pack", "pad"), f"jsonl_mode={self.jsonl_mode!r} must be pack or pad")
+        need(self.batch_sampling in ("random", "doc_aligned"),  # issue 14
+             f"batch_sampling={self.batch_sampling!r} must be random or doc_aligned")
         if self.init_from.startswith("hf:"):
             need(os.path.isdir(self.init_from[3:]),
                  f"init_from={self.init_from!r}: {self.init_from[3:]!r} is not a folder (hf:DIR names a local "

@@ -18,7 +18,6 @@ from typing import TYPE_CHECKING, Any, Protocol, runtime_checkable
 import numpy as np
 import torch
 
-from diyllm.data.batch import get_batch
 from diyllm.errors import UserError
 
 if TYPE_CHECKING:
@@ -67,59 +66,49 @@ def split_seed(seed: int, rank: int, split: str) -> np.random.SeedSequence:
 
 
 class MemmapSource:
-    """Random windows from a prepared folder (train.bin, val.bin, meta.json, tokenizer.json).
+    """Windows from a prepared folder (sharded or single-file; see diyllm.data.dataset / shards).
 
-    The token files are memory-mapped, so only sampled windows are read; a numpy Generator per split
-    chooses the window starts, and its `bit_generator.state` is the whole data state.
+    The dataset is validated on open (sizes vs manifest, dtype, ids < vocab, non-empty splits) and its
+    shards memory-mapped, so only sampled windows are read; `TokenBatcher` draws random or
+    document-aligned windows with one numpy Generator per split, whose state is the whole data state.
     """
 
-    def __init__(self, data_dir: str | os.PathLike, context_length: int, seed: int = 1337, rank: int = 0):
+    def __init__(self, data_dir: str | os.PathLike, context_length: int, seed: int = 1337, rank: int = 0,
+                 batch_sampling: str = "random"):
+        from diyllm.data.dataset import open_dataset
+        from diyllm.data.shards import TokenBatcher
+
         self.data_dir = Path(data_dir)
         self.context_length = int(context_length)
         self.seed = int(seed)
-        self.meta = read_meta(self.data_dir)
-        dtype = TOKEN_DTYPES.get(str(self.meta.get("dtype", "uint16")))
-        if dtype is None:
-            raise UserError(f"{self.data_dir / 'meta.json'}: unknown dtype {self.meta.get('dtype')!r}")
-        self.splits: dict[str, np.memmap] = {}
-        for split in SPLITS:
-            path = self.data_dir / f"{split}.bin"
-            if not path.exists():
-                raise UserError(f"{path} is missing; prepare the data first (see `diyllm prepare --help`)")
-            data = np.memmap(path, dtype=dtype, mode="r")
-            if len(data) < self.context_length + 1:
-                raise UserError(
-                    f"{path} has {len(data)} tokens but one training window needs context_length + 1 = "
-                    f"{self.context_length + 1}; lower context_length or use more data"
-                )
-            self.splits[split] = data
-        self.vocab_size = int(self.meta.get("vocab_size") or 0)
-        if not self.vocab_size:  # an old/hand-made folder: the largest id seen decides
-            self.vocab_size = int(max(int(d.max()) for d in self.splits.values()) + 1)
-        tok_path = self.data_dir / "tokenizer.json"
+        dataset = open_dataset(self.data_dir, require_val=True, min_tokens=self.context_length + 1)
+        self.meta, self.vocab_size = dataset.meta, dataset.vocab_size
+        self.splits = {s: dataset.split(s) for s in SPLITS}
+        self.batcher = TokenBatcher(dataset.splits, self.context_length, self.seed, rank, batch_sampling)
+        tok_path = self.data_dir / str(self.meta.get("tokenizer_file", "tokenizer.json"))
         self.tokenizer_path = tok_path if tok_path.exists() else None
         self.tokenizer = load_tokenizer_file(tok_path) if tok_path.exists() else None
         self.bytes_per_token = estimate_bytes_per_token(self.tokenizer, self.splits["val"], self.meta)
-        self.set_rank(rank, 1)
+        self.rank = int(rank)
 
     def set_rank(self, rank: int, world_size: int) -> None:
         """(Re)seed the per-split generators for this rank; world_size is unused (random windows)."""
         self.rank = int(rank)
-        self.generators = {s: np.random.Generator(np.random.PCG64(split_seed(self.seed, rank, s))) for s in SPLITS}
+        self.batcher.set_rank(rank)
+
+    @property
+    def generators(self) -> dict[str, np.random.Generator]:
+        return self.batcher.generators
 
     def get_batch(self, split: str, batch_size: int, device: torch.device | str):
-        if split not in self.splits:
-            raise ValueError(f"unknown split {split!r}; use one of {SPLITS}")
-        x, y = get_batch(self.splits[split], batch_size, self.context_length, device, self.generators[split])
+        x, y = self.batcher.get_batch(split, batch_size, device)
         return x, y, None
 
     def state_dict(self) -> dict:
-        return {"kind": "memmap", "rank": self.rank,
-                "generators": {s: g.bit_generator.state for s, g in self.generators.items()}}
+        return {"kind": "memmap", **self.batcher.state_dict()}
 
     def load_state_dict(self, state: dict) -> None:
-        for split, gen_state in state["generators"].items():
-            self.generators[split].bit_generator.state = gen_state
+        self.batcher.load_state_dict(state)
 
 
 def read_meta(data_dir: Path) -> dict:
@@ -185,7 +174,8 @@ def make_source(cfg: TrainConfig, rank: int = 0, world_size: int = 1) -> BatchSo
     """
     fmt = resolve_data_format(cfg)
     if fmt == "bin":
-        return MemmapSource(cfg.data_dir, cfg.context_length, seed=cfg.seed, rank=rank)
+        return MemmapSource(cfg.data_dir, cfg.context_length, seed=cfg.seed, rank=rank,
+                            batch_sampling=getattr(cfg, "batch_sampling", "random"))
     # Other sources are owned by the data engineers and imported only when used.
     if fmt == "jsonl":
         from diyllm.data.jsonl import JsonlPretrainSource
