@@ -34,8 +34,8 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-RUN = dict(d_model=32, num_layers=2, num_heads=2, d_ff=64, context_length=32, batch_size=4, max_iters=24,
-           warmup_iters=2, eval_interval=6, eval_iters=2, checkpoint_interval=2, log_interval=100, progress=False,
+RUN = dict(d_model=32, num_layers=2, num_heads=2, d_ff=64, context_length=32, batch_size=4, max_iters=16,
+           warmup_iters=2, eval_interval=8, eval_iters=1, checkpoint_interval=2, log_interval=100, progress=False,
            device="cpu", dtype="float32", keep_checkpoints=2)
 
 

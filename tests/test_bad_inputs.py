@@ -206,3 +206,10 @@ def test_read_only_destination_is_one_clear_error(command, world, tmp_path, caps
         pytest.importorskip("safetensors")
     rc = main(argv)
     assert_one_error(rc, capsys.readouterr().err, str(ro))
+
+
+def test_lr_find_honours_init_from_a_run_folder(world, tmp_path, capsys):
+    assert main(["lr-find", "shakespeare_char_cpu", f"--data_dir={world['data']}", f"--init_from={world['run']}",
+                 "--num_iters=3", f"--out={tmp_path / 'lr.png'}", *TINY[:6], "--progress=false"]) == 0
+    assert f"starting from the weights of {world['run']}" in capsys.readouterr().out
+    assert (tmp_path / "lr.png").exists()
