@@ -27,7 +27,8 @@ from collections.abc import Iterator
 import torch
 from torch import nn
 
-from diyllm.generation.sampling import apply_repetition_penalty, sample_next
+from diyllm.generation.sampling import SamplingParams, apply_repetition_penalty, sample_next
+from diyllm.generation.steps import ContextFullWarning, DecodeStep
 from diyllm.model.kv_cache import StaticKVCache
 
 # model -> {(batch, dtype): StaticDecoder}; weak, so a dropped model frees its caches and graphs.
@@ -146,14 +147,16 @@ def compile_seconds(model: nn.Module) -> float | None:
 
 
 @torch.inference_mode()
-def decode_compiled(model, prompts, max_new_tokens, temperature, top_k, top_p, repetition_penalty, stop_ids,
-                    seed, context, vocab_limit, compile: bool = True) -> Iterator:
+def decode_compiled(model: nn.Module, prompts: list[list[int]], max_new_tokens: int, params: SamplingParams,
+                    compile: bool = True) -> Iterator:
     """The cached decoding loop of generate.py, on a StaticDecoder; same arguments, same DecodeSteps.
 
     Left-padded batches, the sliding window (re-prefill the last 3/4 when the cache is full) and
-    `context="stop"` behave exactly as in the eager loop."""
-    from diyllm.generation.generate import ContextFullWarning, DecodeStep
-
+    `context="stop"` behave exactly as in the eager loop. compile=False runs the same static-cache loop
+    eagerly (what the fallback does)."""
+    temperature, top_k, top_p, seed = params.temperature, params.top_k, params.top_p, params.seed
+    repetition_penalty, stop_ids, context = params.repetition_penalty, params.stop_ids, params.context
+    vocab_limit = params.vocab_limit
     dec = decoder_for(model, len(prompts), compile)
     device, ctx = dec.device, dec.max_len
     B, L = len(prompts), max(len(p) for p in prompts)
