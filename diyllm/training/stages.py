@@ -49,6 +49,7 @@ class SetupStages:
                 f"{self.dist.world_size} processes; the global batch is split across ranks, so use a multiple "
                 f"of {self.dist.world_size}")
         self.accum = cfg.gradient_accumulation_steps // self.dist.world_size  # micro-steps on this rank
+        self._deterministic_before = torch.are_deterministic_algorithms_enabled()  # close() puts it back
         build.configure_numerics(cfg, self.device)
         build.seed_everything(cfg.seed, self.dist.rank)
 

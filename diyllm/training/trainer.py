@@ -108,6 +108,8 @@ class Trainer(SetupStages):
             self.bar = None
         if self.dist is not None:
             cleanup_distributed(self.dist)
+        if self.cfg.deterministic and hasattr(self, "_deterministic_before"):  # a process-wide switch: undo it
+            torch.use_deterministic_algorithms(self._deterministic_before)
 
     # ---- the loop ---------------------------------------------------------------------------------------
     def loop(self) -> TrainResult:
