@@ -10,7 +10,7 @@ the device after the step, with the same functions as the eager path, so the two
 
     generate(model, ids, 200, temperature=0, compile=True)      # or: diyllm sample --compile
 
-The compiled step is kept per (model, batch size, dtype) for the life of the process: the compile time
+The compiled step is kept per (model, batch size, dtype, device) for the life of the process: the compile time
 (reported once, `compile_seconds`) is paid by the first generation only. Where compiling cannot work
 (no C++ compiler, an old torch, an unsupported op) decoding falls back to the eager step with one warning.
 `decode_compiled` is the entry point a server can call directly (it yields `DecodeStep`s like
@@ -27,7 +27,8 @@ from collections.abc import Iterator
 import torch
 from torch import nn
 
-from diyllm.generation.sampling import ContextFullWarning, DecodeStep, apply_repetition_penalty, sample_next
+from diyllm.generation.sampling import SamplingParams, apply_repetition_penalty, sample_next
+from diyllm.generation.steps import ContextFullWarning, DecodeStep
 from diyllm.model.kv_cache import StaticKVCache
 
 # model -> {(batch, dtype): StaticDecoder}; weak, so a dropped model frees its caches and graphs.
@@ -71,7 +72,7 @@ class StaticDecoder:
 
     def __init__(self, model: nn.Module, batch_size: int, compile: bool = True):
         param = next(model.parameters())
-        self.model, self.device = model, param.device
+        self.device = param.device  # the model itself is not kept: _DECODERS must not hold it alive
         self.max_len = model.config.context_length
         self.cache = StaticKVCache.for_model(model, batch_size, self.max_len)
         self.decode_index = self.cache.index
@@ -94,22 +95,22 @@ class StaticDecoder:
         mode = "reduce-overhead" if self.device.type == "cuda" else None
         self.step_fn = torch.compile(_step, mode=mode, dynamic=False, fullgraph=True)
 
-    def step(self) -> torch.Tensor:
-        """Run the decode step on self.tokens/self.positions at column self.decode_index."""
+    def step(self, model: nn.Module) -> torch.Tensor:
+        """Run the decode step of `model` on self.tokens/self.positions at column self.decode_index."""
         if self.compile_seconds is None and self.step_fn is not _step:
             start = time.perf_counter()
             try:
-                logits = self.step_fn(self.model, self.cache, self.tokens, self.positions)
+                logits = self.step_fn(model, self.cache, self.tokens, self.positions)
             except Exception as exc:  # inductor/dynamo failures vary widely: fall back, say so once
                 _warn_once(f"compiled decoding failed ({type(exc).__name__}: {str(exc).splitlines()[0][:200]}); "
                            "decoding eagerly")
                 self.step_fn = _step
-                return _step(self.model, self.cache, self.tokens, self.positions)
+                return _step(model, self.cache, self.tokens, self.positions)
             self.compile_seconds = time.perf_counter() - start
             return logits
-        return self.step_fn(self.model, self.cache, self.tokens, self.positions)
+        return self.step_fn(model, self.cache, self.tokens, self.positions)
 
-    def prefill(self, ids: torch.Tensor, real: torch.Tensor) -> torch.Tensor:
+    def prefill(self, model: nn.Module, ids: torch.Tensor, real: torch.Tensor) -> torch.Tensor:
         """Eager forward of `ids` (B, T) into cache columns 0..T-1; `real` (B, T) marks non-padding.
         Returns the last position's logits and leaves self.positions at each row's next position."""
         B, T = ids.shape
@@ -122,7 +123,7 @@ class StaticDecoder:
         mask[:, :, :T] |= torch.eye(T, dtype=torch.bool, device=self.device)  # a padding query sees itself
         cache.index = torch.arange(T, device=self.device)
         try:
-            out = self.model(ids, positions=positions, attn_mask=mask[:, None], kv_cache=cache, last_logits_only=True)
+            out = model(ids, positions=positions, attn_mask=mask[:, None], kv_cache=cache, last_logits_only=True)
         finally:
             cache.index = self.decode_index
         self.positions.copy_(positions[:, -1:] + 1)
@@ -132,7 +133,8 @@ class StaticDecoder:
 def decoder_for(model: nn.Module, batch_size: int, compile: bool = True) -> StaticDecoder:
     """The process-wide StaticDecoder of `model` for this batch size (built, and compiled, once)."""
     per_model = _DECODERS.setdefault(model, {})
-    key = (batch_size, next(model.parameters()).dtype, compile)
+    param = next(model.parameters())
+    key = (batch_size, param.dtype, param.device, compile)
     if key not in per_model:
         per_model[key] = StaticDecoder(model, batch_size, compile=compile)
     return per_model[key]
@@ -145,13 +147,16 @@ def compile_seconds(model: nn.Module) -> float | None:
 
 
 @torch.inference_mode()
-def decode_compiled(model, prompts, max_new_tokens, temperature, top_k, top_p, repetition_penalty, stop_ids,
-                    seed, context, vocab_limit, compile: bool = True) -> Iterator:
+def decode_compiled(model: nn.Module, prompts: list[list[int]], max_new_tokens: int, params: SamplingParams,
+                    compile: bool = True) -> Iterator:
     """The cached decoding loop of generate.py, on a StaticDecoder; same arguments, same DecodeSteps.
 
     Left-padded batches, the sliding window (re-prefill the last 3/4 when the cache is full) and
-    `context="stop"` behave exactly as in the eager loop."""
-
+    `context="stop"` behave exactly as in the eager loop. compile=False runs the same static-cache loop
+    eagerly (what the fallback does)."""
+    temperature, top_k, top_p, seed = params.temperature, params.top_k, params.top_p, params.seed
+    repetition_penalty, stop_ids, context = params.repetition_penalty, params.stop_ids, params.context
+    vocab_limit = params.vocab_limit
     dec = decoder_for(model, len(prompts), compile)
     device, ctx = dec.device, dec.max_len
     B, L = len(prompts), max(len(p) for p in prompts)
@@ -168,7 +173,7 @@ def decode_compiled(model, prompts, max_new_tokens, temperature, top_k, top_p, r
     keep = max(1, ctx - ctx // 4)
     n = L
     start = max(0, n - ctx)
-    logits = dec.prefill(seq[:, start:n], real[:, start:n])
+    logits = dec.prefill(model, seq[:, start:n], real[:, start:n])
     column = n - start  # the cache column the next token goes to
 
     generator = torch.Generator(device=device).manual_seed(seed) if seed is not None else None
@@ -205,12 +210,12 @@ def decode_compiled(model, prompts, max_new_tokens, temperature, top_k, top_p, r
                 "(use context='slide' to keep going with the most recent tokens)"), stacklevel=2)
             return
         if column >= ctx:  # full: restart the cache from the most recent `keep` tokens (eagerly)
-            logits = dec.prefill(seq[:, n - keep : n], real[:, n - keep : n])
+            logits = dec.prefill(model, seq[:, n - keep : n], real[:, n - keep : n])
             column = keep
             continue
         dec.tokens.copy_(tok[:, None])
         dec.decode_index.fill_(column)
         dec.cache.visible[:, column] = True
-        logits = dec.step().clone()  # a CUDA graph's output is overwritten by its next replay
+        logits = dec.step(model).clone()  # a CUDA graph's output is overwritten by its next replay
         dec.positions.add_(1)
         column += 1

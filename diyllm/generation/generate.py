@@ -31,14 +31,8 @@ from typing import Any
 import torch
 from torch import nn
 
-from diyllm.generation.sampling import (
-    CONTEXT_MODES,
-    ContextFullWarning,
-    DecodeStep,
-    SamplingParams,
-    apply_repetition_penalty,
-    sample_next,
-)
+from diyllm.generation.sampling import CONTEXT_MODES, SamplingParams, apply_repetition_penalty, sample_next
+from diyllm.generation.steps import ContextFullWarning, DecodeStep  # noqa: F401  (re-exported here)
 from diyllm.model.kv_cache import KVCache
 from diyllm.model.layers import frozen_fused_weights
 
@@ -74,20 +68,16 @@ def iter_steps(
     """
     prompts, _ = _as_batch(prompt_ids)
     params = SamplingParams.from_options(params, **options)
-    if params.compile and not params.use_cache:
-        raise ValueError("compile=True decodes with a static KV cache; it cannot be combined with use_cache=False")
     if max_new_tokens <= 0:
         return
     was_training = model.training
     model.eval()
     try:
         with frozen_fused_weights(model):  # stack q|k|v and w1|w3 once, not at every step
-            if params.compile:  # a static KV cache and a torch.compile'd step (generation/compiled.py)
+            if params.compile:  # static KV cache + torch.compile'd step (generation/compiled.py)
                 from diyllm.generation.compiled import decode_compiled
 
-                p = params
-                yield from decode_compiled(model, prompts, max_new_tokens, p.temperature, p.top_k, p.top_p,
-                                           p.repetition_penalty, p.stop_ids, p.seed, p.context, p.vocab_limit)
+                yield from decode_compiled(model, prompts, max_new_tokens, params)
                 return
             yield from _decode(model, prompts, max_new_tokens, params)
     finally:

@@ -28,8 +28,7 @@ class SamplingParams:
     discourages tokens already in the sequence; a row ends at its first id in stop_ids; seed makes
     sampling reproducible; use_cache=False takes the readable no-cache path; context "slide" drops the
     oldest tokens when the window is full, "stop" ends generation; vocab_limit forbids ids >= it (a model
-    whose embedding is larger than its tokenizer must never emit an id without text); compile=True decodes
-    with a static KV cache and a step compiled once per process (same tokens, faster after the compile).
+    whose embedding is larger than its tokenizer must never emit an id without text).
     """
 
     temperature: float = 1.0
@@ -41,7 +40,7 @@ class SamplingParams:
     use_cache: bool = True
     context: str = "slide"
     vocab_limit: int | None = None
-    compile: bool = False  # a static KV cache + a torch.compile'd decode step (generation/compiled.py)
+    compile: bool = False  # issue 19: static KV cache + a torch.compile'd decode step (generation/compiled.py)
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "stop_ids", tuple(int(i) for i in self.stop_ids))
@@ -49,6 +48,8 @@ class SamplingParams:
             raise ValueError(f"context={self.context!r} must be one of {CONTEXT_MODES}")
         if self.repetition_penalty <= 0:
             raise ValueError(f"repetition_penalty must be > 0, got {self.repetition_penalty}")
+        if self.compile and not self.use_cache:
+            raise ValueError("compile=True decodes with a static KV cache; it cannot be combined with use_cache=False")
 
     @classmethod
     def from_options(cls, params: SamplingParams | None = None, **options: Any) -> SamplingParams:
@@ -130,21 +131,3 @@ def sample_next(
         return logits.argmax(dim=-1)
     probs = torch.softmax(filter_logits(logits, temperature, top_k, top_p), dim=-1)
     return torch.multinomial(probs, 1, generator=generator).squeeze(-1)
-
-
-class ContextFullWarning(RuntimeWarning):
-    """Generation stopped early because the next token would not fit in the model's context window."""
-
-
-@dataclass
-class DecodeStep:
-    """What one decoding step produced, for every row of the batch.
-
-    tokens: (B,) the sampled ids. logits: (B, V) the model's raw logits they were sampled from (before
-    repetition penalty / temperature / filtering). finished: (B,) True for rows that had already hit a
-    stop token before this step (their token is filler and must be ignored).
-    """
-
-    tokens: torch.Tensor
-    logits: torch.Tensor
-    finished: torch.Tensor

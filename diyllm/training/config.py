@@ -132,7 +132,7 @@ class TrainConfig(ModelFields):
     muon_ns_steps: int = 5  # Newton-Schulz iterations
     muon_weight_decay: float = 0.0  # decoupled, on the Muon matrices (weight_decay covers the AdamW ones)
     muon_adjust_lr: str = "original"  # original: x√max(1, rows/cols) | match_rms_adamw: x0.2√max(rows, cols) | none
-    # (the speedrun's model options qk_norm, mlp, zero_init_proj, logit_softcap are model keys: model/config.py)
+    # (the speedrun's model options qk_norm, mlp, zero_init_proj, logit_softcap are ModelFields, model/config.py)
 
     # ---------------------------------------------------------------------------------------------
     def validate(self) -> TrainConfig:
