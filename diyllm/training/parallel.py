@@ -73,11 +73,6 @@ class DataParallel(ParallelWrapper):
         return contextlib.nullcontext() if sync else train_model.no_sync()
 
 
-def default_parallel(dist: DistInfo, device: torch.device, cfg=None, dtype: torch.dtype = torch.float32
-                     ) -> ParallelWrapper:
-    """DDP when torchrun started several processes (FSDP when cfg.parallelism = "fsdp"), else no wrapper."""
-    if dist.enabled and cfg is not None and getattr(cfg, "parallelism", "ddp") == "fsdp":
-        from diyllm.training.fsdp import FullyShardedParallel
-
-        return FullyShardedParallel.from_config(cfg, device, dist.world_size, dtype)
+def default_parallel(dist: DistInfo, device: torch.device) -> ParallelWrapper:
+    """DDP when torchrun started several processes, else no wrapper."""
     return DataParallel(device) if dist.enabled else SingleProcess()

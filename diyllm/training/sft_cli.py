@@ -22,10 +22,10 @@ import torch
 from torch import nn
 
 from diyllm.errors import UserError
+from diyllm.model.config import SHAPE_FIELDS
 
 ACCEPTS_OVERRIDES = True
-SHAPE_KEYS = ("vocab_size", "context_length", "d_model", "num_layers", "num_heads", "num_kv_heads", "d_ff",
-              "rope_theta", "norm_eps", "tie_embeddings", "init_std")
+SHAPE_KEYS = SHAPE_FIELDS + ("init_std",)  # what the SFT run takes from the checkpoint it starts from
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -80,9 +80,10 @@ def check_tokenizer_matches(checkpoint_tok: Any, given_tok: Any, given_path: str
 
 def prepare_sft(cfg: Any) -> tuple[Any, Any, nn.Module | None]:
     """(cfg for the trainer, SFTSource, model or None) for an SFT run described by `cfg`."""
+    from diyllm.checkpoints import read_checkpoint, tokenizer_from_text
     from diyllm.data.sft import SFTSource
+    from diyllm.loading import load_model
     from diyllm.tokenizers import load_tokenizer
-    from diyllm.training.checkpoint import load_model, read_checkpoint, tokenizer_from_text
 
     cfg = dataclasses.replace(cfg, data_format="sft")
     if cfg.init_from == "scratch":
@@ -95,7 +96,7 @@ def prepare_sft(cfg: Any) -> tuple[Any, Any, nn.Module | None]:
         ckpt = read_checkpoint(path)
         tok = tokenizer_from_text(ckpt.get("tokenizer"), str(path))
         cfg = dataclasses.replace(cfg, **{k: ckpt["model_config"][k] for k in SHAPE_KEYS if k in ckpt["model_config"]})
-        return cfg, SFTSource(cfg, tokenizer=tok), None
+        return cfg, SFTSource.from_config(cfg, tokenizer=tok), None
 
     path = cfg.init_from
     model, tok, _ = load_model(path)  # a .pt, a run folder, or hf:DIR
@@ -105,7 +106,7 @@ def prepare_sft(cfg: Any) -> tuple[Any, Any, nn.Module | None]:
         check_tokenizer_matches(tok, load_tokenizer(cfg.tokenizer_path), cfg.tokenizer_path, path)
     # The model's shape wins over the config's (the weights exist already); sequences must fit its context.
     cfg = dataclasses.replace(cfg, **{k: getattr(model.config, k) for k in SHAPE_KEYS if k != "vocab_size"})
-    source = SFTSource(cfg, tokenizer=tok)
+    source = SFTSource.from_config(cfg, tokenizer=tok)
     added = resize_vocabulary(model, source.vocab_size)
     if added:
         print(f"added chat tokens {added} to the tokenizer; embedding/lm_head rows initialised to the mean row")

@@ -19,17 +19,18 @@ from pathlib import Path
 import torch
 
 from diyllm.atomic import atomic_write
+from diyllm.checkpoints import unwrap_model
 from diyllm.errors import UserError
+from diyllm.loading import read_model_reference
 from diyllm.model import DIYForCausalLM
+from diyllm.sharded_checkpoints import ShardedCheckpointer
 from diyllm.training import build, resume
-from diyllm.training.checkpoint import read_init_checkpoint, unwrap_model
 from diyllm.training.checkpointer import SingleFileCheckpointer
 from diyllm.training.components import CheckpointSchedule, EarlyStopping, Evaluator
 from diyllm.training.data_source import make_source
-from diyllm.training.dcp_checkpoint import ShardedCheckpointer
 from diyllm.training.device import resolve_device, resolve_dtype
 from diyllm.training.distributed import init_distributed
-from diyllm.training.fsdp import enable_activation_checkpointing
+from diyllm.training.fsdp import FullyShardedParallel, enable_activation_checkpointing
 from diyllm.training.health import HealthMonitor
 from diyllm.training.loop_state import LoopState
 from diyllm.training.memory_plan import check_memory
@@ -74,10 +75,12 @@ class SetupStages:
         cfg = self.cfg
         init_ckpt = None
         # chosen here, not in the wrap stage: a sharding wrapper builds the model itself (meta device)
-        self.parallel = self.parallel or default_parallel(self.dist, self.device, cfg, self.dtype)
+        if self.parallel is None and cfg.parallelism == "fsdp" and self.dist.enabled:
+            self.parallel = FullyShardedParallel.from_config(cfg, self.device, self.dist.world_size, self.dtype)
+        self.parallel = self.parallel or default_parallel(self.dist, self.device)
         build_sharded = getattr(self.parallel, "build_model", None)
         if cfg.init_from not in ("scratch", "resume"):
-            init_ckpt, where = read_init_checkpoint(cfg.init_from)  # a .pt, a run folder, or hf:DIR
+            init_ckpt, where = read_model_reference(cfg.init_from)  # a .pt, a run folder, or hf:DIR
             self.ckpt_path = Path(where)
         if self.given_model is not None:
             self.model = self.given_model

@@ -29,10 +29,10 @@ import torch.distributed as dist
 from torch import nn
 
 from diyllm.atomic import atomic_dir, atomic_write
+from diyllm.checkpoints import DCP_METADATA_FILE, DCP_STATE_FILE, is_dcp_folder, unwrap_model
 from diyllm.errors import UserError
 
-STATE_FILE = "trainer_state.pt"
-METADATA_FILE = ".metadata"
+STATE_FILE, METADATA_FILE = DCP_STATE_FILE, DCP_METADATA_FILE
 
 
 def dcp_api():
@@ -44,14 +44,6 @@ def dcp_api():
         raise UserError(f"sharded checkpoints need torch.distributed.checkpoint with get_state_dict (PyTorch >= 2.4);"
                         f" this PyTorch is {torch.__version__}") from None
     return dcp, get_state_dict, set_state_dict, StateDictOptions
-
-
-def is_dcp_folder(path: str | os.PathLike) -> bool:
-    """True for a folder that is (or was meant to be) a DCP checkpoint."""
-    p = Path(path)
-    if not p.is_dir():
-        return False
-    return (p / METADATA_FILE).exists() or (p / STATE_FILE).exists() or any(p.glob("*.distcp"))
 
 
 def check_complete(path: str | os.PathLike) -> None:
@@ -184,8 +176,6 @@ def load_dcp_checkpoint(path: str | os.PathLike, model: nn.Module, optimizer: to
 
 
 def _plain_module(model: nn.Module) -> nn.Module:
-    from diyllm.training.checkpoint import unwrap_model
-
     return unwrap_model(model)
 
 
