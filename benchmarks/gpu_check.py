@@ -179,7 +179,7 @@ def check_shakespeare(args, work: Path) -> None:
 def check_fsdp(args, work: Path) -> None:
     import torch.distributed as dist
 
-    from diyllm.training.dcp_checkpoint import load_dcp_checkpoint, save_dcp_checkpoint
+    from diyllm.sharded_checkpoints import load_dcp_checkpoint, save_dcp_checkpoint
     from diyllm.training.fsdp import (
         build_sharded_model,
         clip_grad_norm_sharded_,

@@ -143,11 +143,20 @@ def model_from_checkpoint(ckpt: dict[str, Any], where: str, device: str | torch.
     return model.to(device).eval()
 
 
+DCP_METADATA_FILE, DCP_STATE_FILE = ".metadata", "trainer_state.pt"
+
+
+def is_dcp_folder(path: str | os.PathLike) -> bool:
+    """True for a folder that is (or was meant to be) a sharded checkpoint (diyllm.sharded_checkpoints)."""
+    if not os.path.isdir(path):
+        return False
+    names = os.listdir(path)
+    return DCP_METADATA_FILE in names or DCP_STATE_FILE in names or any(n.endswith(".distcp") for n in names)
+
+
 def resolve_checkpoint_path(path: str | os.PathLike) -> str:
     """A .pt path as given, a sharded (DCP) checkpoint folder as given, or for a run folder its best
     checkpoint (best.pt or best/), else its latest (latest.pt or latest/)."""
-    from diyllm.dcp_files import is_dcp_folder
-
     path = os.fspath(path)
     if os.path.isdir(path):
         if is_dcp_folder(path):

@@ -4,7 +4,8 @@
     model, tokenizer, ckpt = load_model("runs/x/latest.pt")            # a checkpoint file
     model, tokenizer, ckpt = load_model("hf:exported/x")               # a local Hugging Face Llama folder
 
-A reference is a `.pt` file, a run folder, or "hf:DIR" (converted on the fly by diyllm.interop.hf and
+A reference is a `.pt` file, a run folder, a sharded (DCP) checkpoint folder (consolidated in memory),
+or "hf:DIR" (converted on the fly by diyllm.interop.hf and
 read as if it were a diyllm checkpoint at iteration 0). The file format itself is diyllm.checkpoints.
 """
 
@@ -34,8 +35,8 @@ def read_model_reference(spec: str | os.PathLike) -> tuple[dict[str, Any], str]:
 
         return hf_checkpoint_dict(spec[len(HF_PREFIX):]), spec
     path = resolve_checkpoint_path(spec)
-    if os.path.isdir(path):  # a sharded (DCP) checkpoint folder from an FSDP run: assembled in memory
-        from diyllm.dcp_files import consolidated_checkpoint
+    if os.path.isdir(path):  # a sharded (DCP) checkpoint folder of an FSDP run: assembled in memory
+        from diyllm.sharded_checkpoints import consolidated_checkpoint
 
         return consolidated_checkpoint(path), path
     return read_checkpoint(path, map_location="cpu"), path

@@ -72,7 +72,7 @@ def _worker(rank: int, world: int, port: int, out: str, mode: str) -> None:
     os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
     dist.init_process_group("gloo", rank=rank, world_size=world)
     try:
-        from diyllm.training.dcp_checkpoint import load_dcp_checkpoint, save_dcp_checkpoint
+        from diyllm.sharded_checkpoints import load_dcp_checkpoint, save_dcp_checkpoint
         from diyllm.training.fsdp import (
             build_sharded_model,
             clip_grad_norm_sharded_,
@@ -161,7 +161,7 @@ def test_hsdp_two_dimensional_mesh_gives_the_global_gradient(fsdp_run):
 
 
 def test_two_rank_checkpoint_loads_exactly_on_three_ranks_and_on_one(fsdp_run):
-    from diyllm.training.dcp_checkpoint import load_dcp_checkpoint
+    from diyllm.sharded_checkpoints import load_dcp_checkpoint
 
     saved = torch.load(fsdp_run / "train.pt", weights_only=True)["final"]
     on_three = torch.load(fsdp_run / "load3.pt", weights_only=True)
@@ -195,7 +195,7 @@ def test_consolidate_gives_the_saved_weights(fsdp_run, tmp_path, capsys):
 
 
 def test_dcp_checkpoint_of_another_shape_is_refused_naming_fields(fsdp_run):
-    from diyllm.training.dcp_checkpoint import load_dcp_checkpoint
+    from diyllm.sharded_checkpoints import load_dcp_checkpoint
 
     other = DIYForCausalLM(DIYConfig(**{**CONFIG, "d_ff": 128}))
     with pytest.raises(UserError, match=r"(?s)different model shape.*d_ff: checkpoint 96 vs model 128.*"
@@ -206,7 +206,7 @@ def test_dcp_checkpoint_of_another_shape_is_refused_naming_fields(fsdp_run):
 def test_incomplete_dcp_folder_is_reported_incomplete(fsdp_run, tmp_path):
     import shutil
 
-    from diyllm.training.dcp_checkpoint import load_dcp_checkpoint
+    from diyllm.sharded_checkpoints import load_dcp_checkpoint
 
     broken = tmp_path / "broken"
     shutil.copytree(fsdp_run / "ckpt", broken)
@@ -221,7 +221,7 @@ def test_incomplete_dcp_folder_is_reported_incomplete(fsdp_run, tmp_path):
 KILL_SCRIPT = textwrap.dedent("""
     import os, sys, time, torch
     from diyllm.model import DIYConfig, DIYForCausalLM
-    from diyllm.training import dcp_checkpoint
+    from diyllm import sharded_checkpoints as dcp_checkpoint
     torch.manual_seed(0)
     model = DIYForCausalLM(DIYConfig(vocab_size=50, context_length=16, d_model=32, num_layers=2, num_heads=2))
     dcp_checkpoint.save_dcp_checkpoint(sys.argv[1], model, None, {"iteration": 1})
@@ -239,7 +239,7 @@ KILL_SCRIPT = textwrap.dedent("""
 def test_sigkill_during_dcp_save_leaves_the_previous_checkpoint_loadable(tmp_path):
     import signal
 
-    from diyllm.training.dcp_checkpoint import load_dcp_checkpoint
+    from diyllm.sharded_checkpoints import load_dcp_checkpoint
 
     target = tmp_path / "latest"
     proc = subprocess.Popen([sys.executable, "-c", KILL_SCRIPT, str(target)], stdout=subprocess.PIPE, text=True)

@@ -19,9 +19,9 @@ import torch.multiprocessing as mp
 from test_ddp import ShardedStream, free_port
 
 from diyllm.errors import UserError
+from diyllm.sharded_checkpoints import consolidated_checkpoint, read_trainer_state
 from diyllm.training.checkpoint import read_checkpoint
 from diyllm.training.config import TrainConfig
-from diyllm.training.dcp_checkpoint import consolidated_checkpoint, read_trainer_state
 from diyllm.training.distributed import finish_worker
 from diyllm.training.metrics import read_metrics
 from diyllm.training.trainer import Trainer, train

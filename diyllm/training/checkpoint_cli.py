@@ -24,7 +24,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 def run(args: argparse.Namespace) -> int:
     from diyllm.errors import UserError
-    from diyllm.training.dcp_checkpoint import consolidate, is_dcp_folder
+    from diyllm.sharded_checkpoints import consolidate, is_dcp_folder
 
     if not is_dcp_folder(args.folder):
         raise UserError(f"{args.folder} is not a sharded (DCP) checkpoint folder (no .metadata, no *.distcp); "

@@ -10,7 +10,8 @@ A wrapper answers the three questions the loop has about parallelism, and nothin
 `wrap` is called after the model is on its device (and compiled, if asked) and *before* the optimizer
 is built, because a sharding wrapper (FSDP) replaces the parameters the optimizer must hold.
 `SingleProcess` (no wrapper) and `DataParallel` (DistributedDataParallel) live here, FSDP in fsdp.py;
-`stages.default_parallel` picks one from the process group torchrun set up.
+`default_parallel` picks one of the first two from the process group torchrun set up (the model stage
+chooses FSDP when parallelism = "fsdp").
 """
 
 from __future__ import annotations
@@ -22,6 +23,7 @@ from contextlib import AbstractContextManager
 import torch
 from torch import nn
 
+from diyllm.training.distributed import DistInfo
 from diyllm.training.optim import clip_grad_norm_
 
 
@@ -71,3 +73,7 @@ class DataParallel(ParallelWrapper):
         # Accumulating micro-steps need no all-reduce: only the last one's backward syncs the sum.
         return contextlib.nullcontext() if sync else train_model.no_sync()
 
+
+def default_parallel(dist: DistInfo, device: torch.device) -> ParallelWrapper:
+    """DDP when torchrun started several processes, else no wrapper."""
+    return DataParallel(device) if dist.enabled else SingleProcess()

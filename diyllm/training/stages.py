@@ -23,19 +23,19 @@ from diyllm.checkpoints import unwrap_model
 from diyllm.errors import UserError
 from diyllm.loading import read_model_reference
 from diyllm.model import DIYForCausalLM
+from diyllm.sharded_checkpoints import ShardedCheckpointer
 from diyllm.training import build, resume
 from diyllm.training.checkpointer import SingleFileCheckpointer
 from diyllm.training.components import CheckpointSchedule, EarlyStopping, Evaluator
 from diyllm.training.data_source import make_source
-from diyllm.training.dcp_checkpoint import ShardedCheckpointer
 from diyllm.training.device import resolve_device, resolve_dtype
-from diyllm.training.distributed import DistInfo, init_distributed
+from diyllm.training.distributed import init_distributed
 from diyllm.training.fsdp import FullyShardedParallel, enable_activation_checkpointing
 from diyllm.training.health import HealthMonitor
 from diyllm.training.loop_state import LoopState
 from diyllm.training.memory_plan import check_memory
 from diyllm.training.metrics import MetricsLogger, peak_flops
-from diyllm.training.parallel import DataParallel, ParallelWrapper, SingleProcess
+from diyllm.training.parallel import default_parallel
 from diyllm.training.schedule import check_resume_schedule
 
 
@@ -77,7 +77,9 @@ class SetupStages:
         cfg = self.cfg
         init_ckpt = None
         # chosen here, not in the wrap stage: a sharding wrapper builds the model itself (meta device)
-        self.parallel = self.parallel or default_parallel(self.dist, self.device, cfg, self.dtype)
+        if self.parallel is None and cfg.parallelism == "fsdp" and self.dist.enabled:
+            self.parallel = FullyShardedParallel.from_config(cfg, self.device, self.dist.world_size, self.dtype)
+        self.parallel = self.parallel or default_parallel(self.dist, self.device)
         build_sharded = getattr(self.parallel, "build_model", None)
         if cfg.init_from not in ("scratch", "resume"):
             init_ckpt, where = read_model_reference(cfg.init_from)  # a .pt, a run folder, or hf:DIR
@@ -191,12 +193,3 @@ class SetupStages:
         if self.resumed:  # last: building, moving and compiling the model above may draw random numbers
             resume.restore_rngs(self._resume_ckpt, dist)
             del self._resume_ckpt
-
-
-
-def default_parallel(dist: DistInfo, device: torch.device, cfg=None, dtype: torch.dtype = torch.float32
-                     ) -> ParallelWrapper:
-    """DDP when torchrun started several processes (FSDP when cfg.parallelism = "fsdp"), else no wrapper."""
-    if dist.enabled and cfg is not None and getattr(cfg, "parallelism", "ddp") == "fsdp":
-        return FullyShardedParallel.from_config(cfg, device, dist.world_size, dtype)
-    return DataParallel(device) if dist.enabled else SingleProcess()

@@ -29,17 +29,30 @@ import torch.distributed as dist
 from torch import nn
 
 from diyllm.atomic import atomic_dir, atomic_write
-from diyllm.dcp_files import (  # noqa: F401  (reading a DCP folder is not training-specific; re-exported)
-    METADATA_FILE,
-    STATE_FILE,
-    check_complete,
-    consolidated_checkpoint,
-    dcp_api,
-    is_dcp_folder,
-    read_trainer_state,
-)
+from diyllm.checkpoints import DCP_METADATA_FILE, DCP_STATE_FILE, is_dcp_folder, unwrap_model
 from diyllm.errors import UserError
-from diyllm.training.checkpointer import Checkpointer
+
+STATE_FILE, METADATA_FILE = DCP_STATE_FILE, DCP_METADATA_FILE
+
+
+def dcp_api():
+    """(dcp module, get_state_dict, set_state_dict, StateDictOptions), or a UserError naming the version."""
+    try:
+        import torch.distributed.checkpoint as dcp
+        from torch.distributed.checkpoint.state_dict import StateDictOptions, get_state_dict, set_state_dict
+    except ImportError:
+        raise UserError(f"sharded checkpoints need torch.distributed.checkpoint with get_state_dict (PyTorch >= 2.4);"
+                        f" this PyTorch is {torch.__version__}") from None
+    return dcp, get_state_dict, set_state_dict, StateDictOptions
+
+
+def check_complete(path: str | os.PathLike) -> None:
+    p = Path(path)
+    missing = [name for name in (METADATA_FILE, STATE_FILE) if not (p / name).is_file()]
+    if missing:
+        raise UserError(f"{p} is an incomplete sharded (DCP) checkpoint: {' and '.join(missing)} missing (the save "
+                        "did not finish, or the folder was copied partly); nothing was loaded. Use another "
+                        "checkpoint (e.g. best/ or a complete copy)")
 
 
 def _no_dist_kwargs(fn) -> dict[str, Any]:
@@ -90,6 +103,15 @@ def save_dcp_checkpoint(path: str | os.PathLike, model: nn.Module, optimizer: to
         dist.barrier()
     if _distributed():
         dist.barrier()  # nobody returns before the new folder is in place
+
+
+def read_trainer_state(path: str | os.PathLike) -> dict[str, Any]:
+    """trainer_state.pt of a complete DCP folder (weights_only=True)."""
+    check_complete(path)
+    try:
+        return torch.load(Path(path) / STATE_FILE, map_location="cpu", weights_only=True)
+    except Exception as exc:
+        raise UserError(f"could not read {Path(path) / STATE_FILE}: {exc}") from exc
 
 
 def saved_tensor_shapes(path: str | os.PathLike, prefix: str = "model.") -> dict[str, tuple[int, ...]]:
@@ -154,9 +176,35 @@ def load_dcp_checkpoint(path: str | os.PathLike, model: nn.Module, optimizer: to
 
 
 def _plain_module(model: nn.Module) -> nn.Module:
-    from diyllm.training.checkpoint import unwrap_model
-
     return unwrap_model(model)
+
+
+def consolidated_checkpoint(path: str | os.PathLike) -> dict[str, Any]:
+    """The single-file checkpoint dict (as save_checkpoint writes it, without optimizer state) of a DCP
+    folder, read in one process: full weights under "model", plus iteration, configs and tokenizer."""
+    dcp = dcp_api()[0]
+    trainer_state = read_trainer_state(path)
+    from torch.distributed.checkpoint import FileSystemReader
+    from torch.distributed.checkpoint.metadata import TensorStorageMetadata
+
+    meta = FileSystemReader(os.fspath(path)).read_metadata()
+    weights: dict[str, torch.Tensor] = {}
+    for key, item in meta.state_dict_metadata.items():
+        if key.startswith("model.") and isinstance(item, TensorStorageMetadata):
+            weights[key[len("model."):]] = torch.empty(tuple(item.size), dtype=item.properties.dtype)
+    if not weights:
+        raise UserError(f"{path}: the DCP checkpoint holds no model weights")
+    dcp.load({"model": weights}, checkpoint_id=os.fspath(path), **_single_reader())
+    out = {k: v for k, v in trainer_state.items() if k not in ("rank_states",)}
+    out["model"] = weights
+    out.setdefault("iteration", 0)
+    return out
+
+
+def _single_reader() -> dict[str, Any]:
+    import torch.distributed.checkpoint as dcp
+
+    return {"no_dist": True} if "no_dist" in inspect.signature(dcp.load).parameters else {}
 
 
 def consolidate(path: str | os.PathLike, out: str | os.PathLike) -> dict[str, Any]:
@@ -167,7 +215,7 @@ def consolidate(path: str | os.PathLike, out: str | os.PathLike) -> dict[str, An
     return ckpt
 
 
-class ShardedCheckpointer(Checkpointer):
+class ShardedCheckpointer:
     """The training loop's checkpointer for parallelism = "fsdp": RUN/latest/ and RUN/best/ DCP folders.
 
     save(name, model, optimizer, iteration, **entries) is collective; load(name) returns the plain-Python
@@ -194,11 +242,15 @@ class ShardedCheckpointer(Checkpointer):
         load_dcp_checkpoint(ckpt[DCP_PATH_KEY], model, optimizer)
 
     def load_for_resume(self, warn) -> tuple[dict[str, Any], Path]:
-        if not self.exists("latest.pt") and (self.out_dir / "latest.pt").exists():
-            raise UserError(f"init_from=resume but {self.path('latest.pt')} does not exist; {self.out_dir} holds "
-                            "latest.pt from a DDP run: resume it with parallelism=ddp, or start from its weights "
-                            "with init_from=PATH/latest.pt")
-        return super().load_for_resume(warn)
+        """The checkpointer seam's resume entry (see diyllm.training.checkpointer.Checkpointer): latest/."""
+        if not self.exists("latest.pt"):
+            hint = ""
+            if (self.out_dir / "latest.pt").exists():
+                hint = (f" ({self.out_dir} holds latest.pt from a DDP run: resume it with parallelism=ddp, or start "
+                        "from its weights with init_from=PATH/latest.pt)")
+            raise UserError(f"init_from=resume but {self.path('latest.pt')} does not exist; nothing to resume{hint} "
+                            "(use init_from=scratch to start a new run)")
+        return self.load("latest.pt"), self.path("latest.pt")
 
 
 DCP_PATH_KEY = "dcp_folder"  # in load()'s dict: where restore() reads the tensors from
