@@ -173,3 +173,25 @@ def test_distillation_refuses_a_teacher_with_another_tokenizer_before_training(l
     assert rc == 2
     assert "different tokenizer" in capsys.readouterr().err
     assert not (tmp_path / "d" / "latest.pt").exists()
+
+
+def test_rl_resume_draws_the_same_rollouts_as_an_uninterrupted_run(lab, tmp_path):
+    from diyllm.cli import main
+
+    out, _ = lab
+    common = ["rl", "rl_synthetic", "--task=arithmetic", "--prompts=200", "--batch_size=2", "--rl_group_size=3",
+              "--rl_max_new_tokens=4", "--eval_interval=0", "--log_interval=1", "--learning_rate=1e-3",
+              "--min_lr=1e-3", "--lora_rank=2", *QUICK]
+    start = f"--init_from={out / 'sft' / 'best.pt'}"
+    assert main([*common, start, "--max_iters=4", f"--out_dir={tmp_path / 'straight'}"]) == 0
+    assert main([*common, start, "--max_iters=2", f"--out_dir={tmp_path / 'split'}"]) == 0
+    assert main([*common, "--init_from=resume", "--max_iters=4", f"--out_dir={tmp_path / 'split'}"]) == 0
+    a = torch.load(tmp_path / "straight" / "latest.pt", weights_only=True)
+    b = torch.load(tmp_path / "split" / "latest.pt", weights_only=True)
+    # the prompt position and the rollout counter (the sampler's seed) continue; val is evaluated once more
+    # by the split run (at its first end), so only the train side must match
+    assert a["data_state"]["train"] == b["data_state"]["train"] and a["data_state"]["rollouts"] == 4
+    assert b["data_state"]["rollouts"] == 4
+    assert a["model"].keys() == b["model"].keys() and all(".lora_" in k for k in a["model"])
+    for k in a["model"]:
+        torch.testing.assert_close(a["model"][k], b["model"][k], rtol=0, atol=0)
