@@ -100,7 +100,7 @@ def prepare_policy(cfg: Any, spec: str, need_reference: bool = False, chat: bool
         print(f"LoRA: new tokens {added} were added, so lm_head and the embedding train in full too")
     reference = None
     if cfg.lora_rank:
-        apply_lora(model, cfg.lora_rank, cfg.lora_alpha or None, cfg.lora_dropout, targets)
+        apply_lora(model, cfg.lora_rank, cfg.lora_alpha or None, cfg.lora_dropout, targets, seed=cfg.seed)
         if need_reference:
             full = trained_full_targets(model)
             reference = Reference(model, _base_copy(model) if full else None)
