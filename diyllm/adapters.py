@@ -15,14 +15,14 @@ import numpy.typing as npt
 import torch
 from torch import Tensor
 
+from diyllm.checkpoints import load_checkpoint, save_checkpoint
 from diyllm.data.batch import get_batch
 from diyllm.model.attention import CausalSelfAttention, scaled_dot_product_attention, softmax
 from diyllm.model.config import DIYConfig
 from diyllm.model.layers import Embedding, Linear, RMSNorm, SwiGLU, silu
+from diyllm.model.loss import cross_entropy
 from diyllm.model.rope import RotaryEmbedding
 from diyllm.model.transformer import DIYForCausalLM, TransformerBlock
-from diyllm.training.checkpoint import load_checkpoint, save_checkpoint
-from diyllm.training.loss import cross_entropy
 from diyllm.training.optim import AdamW, clip_grad_norm_
 from diyllm.training.schedule import cosine_lr
 

@@ -168,6 +168,28 @@ def test_with_the_sft_source(tmp_path):
                           val_data=tmp_path / "val.jsonl", tokenizer_path=tmp_path / "tokenizer.json")
 
 
+def test_deterministic_key_turns_on_torch_deterministic_mode(char_data, tmp_path, monkeypatch):
+    """deterministic=true (for CUDA) switches torch's deterministic algorithms on for the run, sets cuBLAS's
+    workspace, and puts the process-wide switch back afterwards."""
+    monkeypatch.delenv("CUBLAS_WORKSPACE_CONFIG", raising=False)
+    calls = []
+    real = torch.use_deterministic_algorithms
+    monkeypatch.setattr(torch, "use_deterministic_algorithms", lambda mode, **kw: (calls.append(mode), real(mode)))
+    seen = {}
+
+    def during(*args, **kwargs):
+        seen["on"] = torch.are_deterministic_algorithms_enabled()
+        seen["env"] = os.environ.get("CUBLAS_WORKSPACE_CONFIG")
+        return {"train_loss": 1.0, "val_loss": 1.0, "val_bpb": None}
+
+    from diyllm.training.trainer import Trainer
+
+    monkeypatch.setattr(Trainer, "evaluate", during)
+    train(recipe(char_data, tmp_path, 4, deterministic="true"))
+    assert seen == {"on": True, "env": ":4096:8"}
+    assert calls == [True, False] and not torch.are_deterministic_algorithms_enabled()
+
+
 # ---- gloo DDP, 2 ranks ------------------------------------------------------------------------------------
 
 

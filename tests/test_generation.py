@@ -130,6 +130,23 @@ def test_stream_yields_the_same_tokens_as_generate():
     assert toks == generate(model, [1, 2, 3], 12, temperature=0.8, top_k=10, seed=3)[0]
 
 
+def test_sampling_params_object_equals_the_keyword_options():
+    from diyllm.generation import SamplingParams
+
+    model = _model()
+    params = SamplingParams(temperature=0.8, top_k=10, seed=3, stop_ids=[7])
+    assert params.stop_ids == (7,)  # stored as a tuple: the object is hashable and immutable
+    expected = generate(model, [[1, 2, 3], [4]], 12, temperature=0.8, top_k=10, seed=3, stop_ids=[7])
+    assert generate(model, [[1, 2, 3], [4]], 12, params) == expected
+    assert list(stream(model, [1, 2, 3], 12, params)) == generate(model, [1, 2, 3], 12, temperature=0.8, top_k=10,
+                                                                  seed=3, stop_ids=[7])[0]
+    # keywords refine a params object: here greedy instead of sampling
+    assert generate(model, [1, 2, 3], 12, params, temperature=0) == generate(model, [1, 2, 3], 12, temperature=0,
+                                                                              stop_ids=[7])
+    with pytest.raises(TypeError, match="unknown sampling option"):
+        generate(model, [1], 5, temprature=0.5)
+
+
 def test_empty_prompt_and_bad_options_are_clear_errors():
     model = _model()
     with pytest.raises(ValueError, match="empty prompt"):

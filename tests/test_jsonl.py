@@ -73,7 +73,7 @@ def test_jsonl_source_packs_one_epoch_with_every_token_once(tmp_path):
     texts = [f"document number {i} " + "x" * (i % 7) for i in range(60)]
     write_jsonl(tmp_path / "a.jsonl", texts)
     cfg, tok = _cfg(tmp_path, tmp_path / "a.jsonl")
-    src = JsonlPretrainSource(cfg)
+    src = JsonlPretrainSource.from_config(cfg)
     assert src.vocab_size == tok.vocab_size and src.bytes_per_token == pytest.approx(1.0, rel=0.2)
     train = read_split_texts(cfg.data_dir, "train")
     val = read_split_texts(cfg.data_dir, "val")
@@ -94,12 +94,12 @@ def test_jsonl_source_packs_one_epoch_with_every_token_once(tmp_path):
 def test_jsonl_source_resumes_exactly_and_pad_mode_masks(tmp_path):
     write_jsonl(tmp_path / "a.jsonl", [f"doc {i} " * (1 + i % 5) for i in range(80)])
     cfg, _ = _cfg(tmp_path, tmp_path, jsonl_mode="pad")
-    a = JsonlPretrainSource(cfg)
+    a = JsonlPretrainSource.from_config(cfg)
     for _ in range(5):
         a.get_batch("train", 3, "cpu")
     state = json.loads(json.dumps(a.state_dict()))  # plain types only
     expected = [a.get_batch("train", 3, "cpu") for _ in range(20)]
-    b = JsonlPretrainSource(cfg)
+    b = JsonlPretrainSource.from_config(cfg)
     b.load_state_dict(state)
     for want, got in zip(expected, (b.get_batch("train", 3, "cpu") for _ in range(20))):
         for w, g in zip(want, got):
@@ -122,13 +122,13 @@ def test_bad_jsonl_lines_are_clear_errors(tmp_path):
 def test_streaming_source_serves_batches_and_resumes(tmp_path):
     write_jsonl(tmp_path / "a.jsonl", [f"streamed doc {i} " * (1 + i % 3) for i in range(50)])
     cfg, _ = _cfg(tmp_path, tmp_path / "a.jsonl", streaming=True, shuffle_buffer=8)
-    a = JsonlPretrainSource(cfg)
+    a = JsonlPretrainSource.from_config(cfg)
     for _ in range(3):
         x, y, mask = a.get_batch("train", 2, "cpu")
         assert x.shape == (2, 16) and torch.equal(x[:, 1:][mask[:, :-1] > 0], y[:, :-1][mask[:, :-1] > 0])
     state = a.state_dict()
     want = [a.get_batch("train", 2, "cpu") for _ in range(4)]
-    b = JsonlPretrainSource(cfg)
+    b = JsonlPretrainSource.from_config(cfg)
     b.load_state_dict(state)
     for w, g in zip(want, (b.get_batch("train", 2, "cpu") for _ in range(4))):
         assert all(torch.equal(p, q) for p, q in zip(w, g))

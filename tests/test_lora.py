@@ -211,7 +211,12 @@ def test_merged_lora_export_loads_in_transformers_with_equal_logits(tmp_path):
 
     base = _base_checkpoint(tmp_path)
     path, trained = _adapter_checkpoint(tmp_path, base, 4)
-    out = export_checkpoint(path, tmp_path / "hf")  # exporting an adapter checkpoint merges it
+    from diyllm.training.lora_cli import merge_checkpoint
+
+    with pytest.raises(UserError, match="lora merge"):
+        export_checkpoint(path, tmp_path / "hf")  # adapters alone are not a model: merge first
+    merge_checkpoint(str(path), str(tmp_path / "merged.pt"))
+    out = export_checkpoint(tmp_path / "merged.pt", tmp_path / "hf")
     hf = transformers.AutoModelForCausalLM.from_pretrained(out, dtype=torch.float32).eval()
     ids = torch.randint(0, 250, (2, 10))
     with torch.no_grad():

@@ -83,7 +83,7 @@ def test_dpo_with_lora_raises_held_out_preference_accuracy_from_chance(lab, tmp_
 
 def test_rl_raises_held_out_exact_match_over_the_sft_checkpoint(lab, tmp_path):
     from diyllm.cli import main
-    from diyllm.data.synthetic import exact_match
+    from diyllm.generation.exact_match import exact_match
     from diyllm.training.checkpoint import load_model
     from diyllm.training.rl import task_prompts
 

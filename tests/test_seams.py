@@ -162,3 +162,20 @@ def test_custom_parallel_wrapper_and_checkpointer(tmp_path):
     assert parallel.syncs == [False, True] * 6  # only the last micro-step of each step syncs
     assert ("latest.pt", 3) in checkpointer.saved and ("latest.pt", 6) in checkpointer.saved
     assert (tmp_path / "elsewhere" / "latest.pt").exists() and not (tmp_path / "run" / "latest.pt").exists()
+
+
+def test_loop_state_reads_the_checkpoint_layout_of_every_version():
+    """LoopState is the one place the loop's counters are saved; it writes the layout checkpoints have always
+    had (iteration / best_val_loss on top, the rest under "trainer") and reads files lacking newer entries."""
+    from diyllm.training.loop_state import LoopState
+
+    state = LoopState(iteration=7, tokens_seen=700, best_val_loss=1.5, evals_since_best=2, last_eval_iter=6,
+                      last_eval={"val_loss": 1.6})
+    entries = state.to_entries(elapsed=12.5)
+    assert entries == {"best_val_loss": 1.5, "trainer": {"tokens_seen": 700, "evals_since_best": 2,
+                                                         "last_eval_iter": 6, "elapsed": 12.5,
+                                                         "last_eval": {"val_loss": 1.6}}}
+    back = LoopState.from_checkpoint({"iteration": 7, **entries})
+    assert back == LoopState(**{**state.__dict__, "elapsed_before": 12.5})
+    oldest = LoopState.from_checkpoint({"iteration": 3})  # a file with no trainer entry at all
+    assert (oldest.iteration, oldest.tokens_seen, oldest.best_val_loss, oldest.last_eval_iter) == (3, 0, math.inf, -1)

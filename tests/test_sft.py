@@ -104,7 +104,7 @@ def test_sft_source_never_yields_a_batch_without_trained_tokens(tmp_path):
     _write_convs(tmp_path / "val.jsonl", good[:5])
     cfg = TrainConfig(data_dir=str(tmp_path / "train.jsonl"), val_data=str(tmp_path / "val.jsonl"),
                       context_length=48, tokenizer_path=str(tok_path), data_format="sft")
-    src = SFTSource(cfg)
+    src = SFTSource.from_config(cfg)
     assert src.dropped == {"train": 30, "val": 0} and src.vocab_size == 259
     for _ in range(40):  # several epochs of batches of 1: every single row has trained targets
         x, y, mask = src.get_batch("train", 1, "cpu")
@@ -112,7 +112,7 @@ def test_sft_source_never_yields_a_batch_without_trained_tokens(tmp_path):
     assert src.empty_batches_skipped == 0
     state = src.state_dict()
     a = [src.get_batch("train", 4, "cpu")[0] for _ in range(3)]
-    src2 = SFTSource(cfg)
+    src2 = SFTSource.from_config(cfg)
     src2.load_state_dict(state)
     assert all(torch.equal(p, src2.get_batch("train", 4, "cpu")[0]) for p in a)
 

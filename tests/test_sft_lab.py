@@ -30,7 +30,7 @@ def test_sft_raises_held_out_exact_match_above_the_pretrained_model(tmp_path):
 
 
 def test_exact_match_scorer_normalises_case_space_and_period():
-    from diyllm.data.synthetic import normalise
+    from diyllm.generation.exact_match import normalise
 
     assert normalise("  Paris. ") == normalise("paris")
     assert normalise("1 0") != normalise("10")

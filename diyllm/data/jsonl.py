@@ -19,10 +19,7 @@ it reads through `diyllm.data.streaming.StreamingJsonlDataset` instead of loadin
 
 from __future__ import annotations
 
-import glob
-import json
 import os
-import zlib
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -30,74 +27,18 @@ from typing import Any
 import numpy as np
 import torch
 
+# The files half (finding, reading, splitting JSONL files) lives in jsonl_files.py, which streaming.py
+# shares without importing this module (that would be a cycle: this module imports streaming.py).
+from diyllm.data.jsonl_files import (  # noqa: F401  (re-exported: tests and users import them here)
+    IGNORE_INDEX,
+    VAL_PERCENT,
+    is_val_document,
+    iter_jsonl,
+    parse_line,
+    read_split_texts,
+    resolve_jsonl_paths,
+)
 from diyllm.errors import UserError
-
-VAL_PERCENT = 5
-IGNORE_INDEX = -100
-
-
-# ---- files -----------------------------------------------------------------------------------------------
-
-
-def resolve_jsonl_paths(spec: str | os.PathLike | list) -> list[str]:
-    """A file, a folder (its *.jsonl files, recursively) or a glob -> sorted list of JSONL files."""
-    if isinstance(spec, (list, tuple)):
-        return sorted({p for s in spec for p in resolve_jsonl_paths(s)})
-    spec = os.fspath(spec)
-    if os.path.isdir(spec):
-        paths = sorted(glob.glob(os.path.join(spec, "**", "*.jsonl"), recursive=True))
-    elif any(c in spec for c in "*?["):
-        paths = sorted(p for p in glob.glob(spec, recursive=True) if os.path.isfile(p))
-    elif os.path.isfile(spec):
-        paths = [spec]
-    else:
-        raise UserError(f"JSONL data {spec!r} does not exist (give a .jsonl file, a folder of them or a glob)")
-    if not paths:
-        raise UserError(f"no .jsonl files found for {spec!r}")
-    return paths
-
-
-def iter_jsonl(path: str, key: str | None = None) -> Iterator[tuple[int, Any]]:
-    """(line number, value) for every non-blank line of a JSONL file; the value is obj[key] if key is given.
-
-    A malformed line is an error naming file and line, because silently skipping data hides real bugs.
-    """
-    with open(path, encoding="utf-8") as f:
-        for lineno, line in enumerate(f, start=1):
-            if line.strip():
-                yield lineno, parse_line(line, path, lineno, key)
-
-
-def parse_line(line: str, path: str, lineno: int, key: str | None = None) -> Any:
-    """One JSONL line -> the object (or obj[key]), with an error naming file and line."""
-    try:
-        obj = json.loads(line)
-    except json.JSONDecodeError as exc:
-        raise UserError(f"{path}:{lineno}: invalid JSON ({exc.msg}); one JSON object per line") from None
-    if key is None:
-        return obj
-    if not isinstance(obj, dict) or key not in obj:
-        raise UserError(f'{path}:{lineno}: expected an object with a "{key}" field, got {line.strip()[:80]!r}')
-    return obj[key]
-
-
-def is_val_document(path: str, lineno: int, val_percent: int = VAL_PERCENT) -> bool:
-    """The held-out split: a stable hash of (file name, line) decides, whatever the reading order."""
-    return zlib.crc32(f"{os.path.basename(path)}:{lineno}".encode()) % 100 < val_percent
-
-
-def read_split_texts(spec, split: str, val_spec: str = "", key: str = "text") -> list[str]:
-    """All texts of one split: from `val_spec` for val if given, else the hash hold-out of `spec`."""
-    if split == "val" and val_spec:
-        return [t for p in resolve_jsonl_paths(val_spec) for _, t in iter_jsonl(p, key)]
-    want_val = split == "val"
-    out = []
-    for p in resolve_jsonl_paths(spec):
-        for lineno, text in iter_jsonl(p, key):
-            if val_spec or is_val_document(p, lineno) == want_val:
-                out.append(text)
-    return out
-
 
 # ---- layouts ---------------------------------------------------------------------------------------------
 
@@ -191,31 +132,30 @@ def to_device(x: np.ndarray, y: np.ndarray, mask: np.ndarray, device) -> tuple[t
 # ---- tokenizer -------------------------------------------------------------------------------------------
 
 
-def resolve_tokenizer(cfg: Any) -> tuple[Any, str]:
+def resolve_tokenizer(tokenizer_path: str, init_from: str, data: str | os.PathLike) -> tuple[Any, str]:
     """The tokenizer for JSONL/SFT data and where it came from.
 
-    Order: cfg.tokenizer_path; the checkpoint named by cfg.init_from (fine-tuning must keep the
-    pretraining tokenizer); tokenizer.json beside the data.
+    Order: tokenizer_path; the checkpoint named by init_from (fine-tuning must keep the pretraining
+    tokenizer); tokenizer.json beside the data.
     """
     from diyllm.tokenizers import load_tokenizer
 
-    if getattr(cfg, "tokenizer_path", ""):
-        return load_tokenizer(cfg.tokenizer_path), cfg.tokenizer_path
-    init_from = getattr(cfg, "init_from", "scratch")
+    if tokenizer_path:
+        return load_tokenizer(tokenizer_path), str(tokenizer_path)
     if init_from.startswith("hf:") or (init_from not in ("scratch", "resume") and os.path.exists(init_from)):
-        from diyllm.training.checkpoint import read_init_checkpoint, tokenizer_from_text
+        from diyllm.checkpoints import tokenizer_from_text
+        from diyllm.loading import read_model_reference
 
-        ckpt, path = read_init_checkpoint(init_from)
+        ckpt, path = read_model_reference(init_from)
         tok = tokenizer_from_text(ckpt.get("tokenizer"), path)
         if tok is not None:
             return tok, path
-    data = Path(cfg.data_dir)
-    folder = data if data.is_dir() else data.parent
+    folder = Path(data) if Path(data).is_dir() else Path(data).parent
     candidate = folder / "tokenizer.json"
     if candidate.exists():
         return load_tokenizer(candidate), str(candidate)
     raise UserError(
-        f"no tokenizer for {cfg.data_dir}: set tokenizer_path=PATH/tokenizer.json (e.g. one written by "
+        f"no tokenizer for {data}: set tokenizer_path=PATH/tokenizer.json (e.g. one written by "
         "`diyllm prepare`), or init_from=a checkpoint, or put tokenizer.json beside the data"
     )
 
@@ -227,26 +167,26 @@ class JsonlPretrainSource:
     """BatchSource over {"text": ...} JSONL (see the module docstring for pack/pad and the val split).
 
     In memory (default): all documents are tokenized once at start (with a progress bar) and rows are
-    served in a seeded random order, each exactly once per epoch. With cfg.streaming the files are read
+    served in a seeded random order, each exactly once per epoch. With streaming=True the files are read
     lazily through a DataLoader (`StreamingJsonlDataset`), for corpora that do not fit in memory.
+    `from_config(cfg)` takes the arguments from a training config (data_dir, val_data, jsonl_mode, ...).
     """
 
-    def __init__(self, cfg: Any, tokenizer: Any = None):
-        self.cfg = cfg
-        self.context_length = int(cfg.context_length)
-        self.mode = getattr(cfg, "jsonl_mode", "pack")
+    def __init__(self, data: str | os.PathLike, context_length: int, tokenizer: Any, *,
+                 tokenizer_path: str | None = None, val_data: str = "", mode: str = "pack", seed: int = 1337,
+                 streaming: bool = False, num_workers: int = 0, shuffle_buffer: int = 10000, progress: bool = True):
+        self.data, self.val_data = os.fspath(data), os.fspath(val_data) if val_data else ""
+        self.context_length = int(context_length)
+        self.mode = mode
         if self.mode not in ("pack", "pad"):
             raise UserError(f"jsonl_mode={self.mode!r} must be 'pack' or 'pad'")
-        if tokenizer is None:
-            tokenizer, self.tokenizer_path = resolve_tokenizer(cfg)
-        else:
-            self.tokenizer_path = getattr(cfg, "tokenizer_path", "") or None
-        self.tokenizer = tokenizer
+        self.tokenizer, self.tokenizer_path = tokenizer, tokenizer_path or None
         self.vocab_size = int(tokenizer.vocab_size)
         self.eot_id = getattr(tokenizer, "eot_id", None)
-        self.seed = int(getattr(cfg, "seed", 1337))
+        self.seed = int(seed)
         self.rank, self.world_size = 0, 1
-        self.streaming = bool(getattr(cfg, "streaming", False))
+        self.streaming, self.num_workers, self.shuffle_buffer = bool(streaming), int(num_workers), int(shuffle_buffer)
+        self.progress = progress
         self.bytes_per_token: float | None = None
         if self.streaming:
             self._streams: dict[str, Any] = {}
@@ -254,17 +194,28 @@ class JsonlPretrainSource:
         else:
             self.rows = {split: self._load_split(split) for split in ("train", "val")}
 
+    @classmethod
+    def from_config(cls, cfg: Any, tokenizer: Any = None) -> JsonlPretrainSource:
+        """The source a training config describes; the tokenizer is resolved (see resolve_tokenizer)."""
+        if tokenizer is None:
+            tokenizer, path = resolve_tokenizer(cfg.tokenizer_path, cfg.init_from, cfg.data_dir)
+        else:
+            path = cfg.tokenizer_path or None
+        return cls(cfg.data_dir, cfg.context_length, tokenizer, tokenizer_path=path, val_data=cfg.val_data,
+                   mode=cfg.jsonl_mode, seed=cfg.seed, streaming=cfg.streaming, num_workers=cfg.num_workers,
+                   shuffle_buffer=cfg.shuffle_buffer, progress=cfg.progress)
+
     def _load_split(self, split: str) -> EpochRows:
         from tqdm.auto import tqdm
 
-        texts = read_split_texts(self.cfg.data_dir, split, getattr(self.cfg, "val_data", ""))
+        texts = read_split_texts(self.data, split, self.val_data)
         if not texts:
             raise UserError(
-                f"the {split} split of {self.cfg.data_dir} is empty (val holds ~{VAL_PERCENT}% of the documents); "
+                f"the {split} split of {self.data} is empty (val holds ~{VAL_PERCENT}% of the documents); "
                 "add documents or set val_data=PATH"
             )
         docs = [self.tokenizer.encode(t) for t in tqdm(texts, desc=f"tokenizing {split}", unit="doc",
-                                                        disable=not getattr(self.cfg, "progress", True))]
+                                                        disable=not self.progress)]
         if split == "val":
             n_tokens = sum(len(d) for d in docs)
             self.bytes_per_token = sum(len(t.encode("utf-8")) for t in texts) / max(1, n_tokens)
@@ -301,14 +252,14 @@ class JsonlPretrainSource:
     def _open_stream(self, split: str, batch_size: int, skip: int) -> Iterator:
         from diyllm.data.streaming import StreamingJsonlDataset, endless_batches
 
-        val_spec = getattr(self.cfg, "val_data", "")
+        val_spec = self.val_data
         ds = StreamingJsonlDataset(
-            val_spec if (split == "val" and val_spec) else self.cfg.data_dir,
+            val_spec if (split == "val" and val_spec) else self.data,
             tokenizer=self.tokenizer_path or self.tokenizer, context_length=self.context_length,
             mode=self.mode, split=None if val_spec else split, seed=self.seed + (split == "val"),
-            rank=self.rank, world_size=self.world_size, shuffle_buffer=getattr(self.cfg, "shuffle_buffer", 10000),
+            rank=self.rank, world_size=self.world_size, shuffle_buffer=self.shuffle_buffer,
         )
-        return endless_batches(ds, batch_size, getattr(self.cfg, "num_workers", 0), skip=skip)
+        return endless_batches(ds, batch_size, self.num_workers, skip=skip)
 
     def state_dict(self) -> dict:
         if self.streaming:

@@ -13,6 +13,7 @@ micro-batch can have an all-zero mask (and cross_entropy returns 0, not NaN, eve
 
 from __future__ import annotations
 
+import os
 from typing import Any
 
 import numpy as np
@@ -69,17 +70,16 @@ def encode_rows(tokenizer: Any, conversations: list[list[dict]], context_length:
 class SFTSource:
     """BatchSource for data_format = "sft": data_dir = conversations JSONL (file/folder/glob).
 
-    The tokenizer comes from cfg.tokenizer_path, else the init_from checkpoint, else tokenizer.json beside
-    the data; the chat special tokens are added to it if missing (`added_tokens` lists the new ids: the
-    model's embedding rows must then be grown, which `diyllm sft` does). Validation data: cfg.val_data or
-    the ~5% hash hold-out. Rows are served in a seeded order, each once per epoch.
+    The tokenizer (from_config: tokenizer_path, else the init_from checkpoint's, else tokenizer.json beside
+    the data) gets the chat special tokens if missing (`added_tokens` lists the new ids: the model's
+    embedding rows must then be grown, which `diyllm sft` does). Validation data: val_data or the ~5% hash
+    hold-out. Rows are served in a seeded order, each once per epoch.
     """
 
-    def __init__(self, cfg: Any, tokenizer: Any = None):
-        self.cfg = cfg
-        self.context_length = int(cfg.context_length)
-        if tokenizer is None:
-            tokenizer, _ = resolve_tokenizer(cfg)
+    def __init__(self, data: str | os.PathLike, context_length: int, tokenizer: Any, *, val_data: str = "",
+                 seed: int = 1337):
+        self.data, self.val_data = os.fspath(data), os.fspath(val_data) if val_data else ""
+        self.context_length = int(context_length)
         self.added_tokens = add_chat_tokens(tokenizer)
         self.tokenizer = tokenizer
         self.tokenizer_path = None  # the tokenizer may have grown: the trainer saves the object itself
@@ -88,22 +88,28 @@ class SFTSource:
         self.rank, self.world_size = 0, 1
         self.dropped: dict[str, int] = {}
         self.empty_batches_skipped = 0
-        val_spec = getattr(cfg, "val_data", "")
+        val_spec = self.val_data
         self.rows: dict[str, EpochRows] = {}
-        seed = int(getattr(cfg, "seed", 1337))
         for split in ("train", "val"):
-            convs = read_conversations(val_spec if (split == "val" and val_spec) else cfg.data_dir,
+            convs = read_conversations(val_spec if (split == "val" and val_spec) else self.data,
                                        None if val_spec else split)
             x, y, m, dropped = encode_rows(tokenizer, convs, self.context_length)
             self.dropped[split] = dropped
             if len(x) == 0:
                 raise UserError(
-                    f"no usable {split} conversations in {val_spec if split == 'val' and val_spec else cfg.data_dir}"
+                    f"no usable {split} conversations in {val_spec if split == 'val' and val_spec else self.data}"
                     f" ({len(convs)} read, {dropped} dropped because no assistant token fits in context_length="
                     f"{self.context_length}); add data, set val_data=PATH, or raise context_length"
                 )
-            self.rows[split] = EpochRows(x, y, m, seed * 2 + (split == "val"))
+            self.rows[split] = EpochRows(x, y, m, int(seed) * 2 + (split == "val"))
         self.trained_tokens = {s: int(r.mask.sum()) for s, r in self.rows.items()}
+
+    @classmethod
+    def from_config(cls, cfg: Any, tokenizer: Any = None) -> SFTSource:
+        """The source a training config describes (data_dir, val_data, context_length, seed, tokenizer)."""
+        if tokenizer is None:
+            tokenizer, _ = resolve_tokenizer(cfg.tokenizer_path, cfg.init_from, cfg.data_dir)
+        return cls(cfg.data_dir, cfg.context_length, tokenizer, val_data=cfg.val_data, seed=cfg.seed)
 
     def set_rank(self, rank: int, world_size: int) -> None:
         self.rank, self.world_size = int(rank), int(world_size)

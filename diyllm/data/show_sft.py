@@ -55,14 +55,14 @@ def load_tokenizer_for(args: argparse.Namespace):
 
         return load_tokenizer(args.tokenizer)
     if args.ckpt:
-        from diyllm.training.checkpoint import read_checkpoint, resolve_checkpoint_path, tokenizer_from_text
+        from diyllm.checkpoints import read_checkpoint, resolve_checkpoint_path, tokenizer_from_text
 
         path = resolve_checkpoint_path(args.ckpt)
         tok = tokenizer_from_text(read_checkpoint(path).get("tokenizer"), path)
         if tok is None:
             raise UserError(f"{path} holds no tokenizer; pass --tokenizer")
         return tok
-    from diyllm.lab.experiments import byte_tokenizer
+    from diyllm.tokenizers import byte_tokenizer
 
     return byte_tokenizer()
 

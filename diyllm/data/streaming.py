@@ -31,7 +31,7 @@ import numpy as np
 import torch
 from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 
-from diyllm.data.jsonl import IGNORE_INDEX, is_val_document, parse_line, resolve_jsonl_paths
+from diyllm.data.jsonl_files import IGNORE_INDEX, is_val_document, parse_line, resolve_jsonl_paths
 
 
 def shuffle_buffer(items: Iterator[Any], size: int, rng: np.random.Generator) -> Iterator[Any]:

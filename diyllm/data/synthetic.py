@@ -11,7 +11,7 @@ model learned the fact and the format rather than memorising strings):
 
 `make_splits` returns train/val conversations whose questions never overlap; `plain_text_corpus` states
 the same facts as ordinary sentences for pretraining (so the base model knows them but has never seen the
-chat format); `exact_match` scores a model's replies.
+chat format); diyllm.generation.exact_match scores a model's replies.
 
     python -m diyllm.data.synthetic --out data/synthetic_chat --train 2000 --val 200
 """
@@ -23,7 +23,6 @@ import json
 import random
 from collections.abc import Sequence
 from pathlib import Path
-from typing import Any
 
 from diyllm.atomic import atomic_write
 
@@ -127,30 +126,6 @@ def plain_text_corpus(n: int, seed: int = 0, tasks: Sequence[str] = TASKS) -> li
             parts.append(sentences[task](fields, answer))
         docs.append(" ".join(parts))
     return docs
-
-
-def normalise(answer: str) -> str:
-    return " ".join(answer.strip().split()).rstrip(".").lower()
-
-
-def exact_match(model: Any, tokenizer: Any, conversations: Sequence[dict], max_new_tokens: int = 16,
-                return_replies: bool = False) -> float | tuple[float, list[str]]:
-    """Fraction of conversations whose greedy reply (to all messages but the last) equals the last one.
-
-    Replies are generated in one left-padded batch and stop at <|im_end|>; comparison ignores case,
-    surrounding spaces and a final period.
-    """
-    from diyllm.data.chat_template import IM_END, encode_chat
-    from diyllm.generation.generate import generate
-
-    prompts = [encode_chat(tokenizer, c["conversations"][:-1], add_generation_prompt=True)[0]
-               for c in conversations]
-    stop = [tokenizer.special_token_id(IM_END)]
-    outs = generate(model, prompts, max_new_tokens, temperature=0, stop_ids=stop)
-    replies = [tokenizer.decode(o) for o in outs]
-    score = sum(normalise(r) == normalise(c["conversations"][-1]["content"]) for r, c in zip(replies, conversations))
-    acc = score / max(1, len(conversations))
-    return (acc, replies) if return_replies else acc
 
 
 def write_jsonl(path: str | Path, rows: Sequence[dict]) -> None:

@@ -36,14 +36,17 @@ class ChatSession:
     """A conversation with a model: history, fitting it into the context, streaming replies."""
 
     def __init__(self, model: Any, tokenizer: Any, system: str | None = None, max_new_tokens: int = 256,
-                 **sampling: Any):
+                 params: Any = None, **sampling: Any):
+        """params (a SamplingParams) and/or its fields as keywords: how replies are sampled."""
         from diyllm.data.chat_template import chat_token_ids
+        from diyllm.generation.sampling import SamplingParams
 
         self.model, self.tokenizer = model, tokenizer
         self.im_end = chat_token_ids(tokenizer)[1]
         self.system = system
         self.max_new_tokens = max_new_tokens
-        self.sampling = sampling
+        # every reply ends at <|im_end|> and at the edge of the context (a reply must not slide the window)
+        self.params = SamplingParams.from_options(params, **{**sampling, "stop_ids": [self.im_end], "context": "stop"})
         self.context_length = model.config.context_length
         self.history: list[dict] = []
         self.dropped_turns = 0
@@ -80,8 +83,7 @@ class ChatSession:
         ids = self.prompt_ids()
         budget = min(self.max_new_tokens, self.context_length - len(ids) + 1)
         pieces = []
-        for piece in stream_text(self.model, self.tokenizer, ids, budget, stop_ids=[self.im_end], context="stop",
-                                 **self.sampling):
+        for piece in stream_text(self.model, self.tokenizer, ids, budget, params=self.params):
             pieces.append(piece)
             yield piece
         self.history.append({"role": "assistant", "content": "".join(pieces)})
@@ -124,15 +126,17 @@ def _stdin_lines() -> Iterable[str]:
 
 
 def run(args: argparse.Namespace) -> int:
-    from diyllm.training.checkpoint import load_model
+    from diyllm.loading import load_model
     from diyllm.training.device import resolve_device
 
     model, tokenizer, _ = load_model(args.ckpt, device=resolve_device(args.device))
     if tokenizer is None:
         raise UserError(f"{args.ckpt} holds no tokenizer")
-    session = ChatSession(model, tokenizer, system=args.system, max_new_tokens=args.max_new_tokens,
-                          temperature=args.temperature, top_k=args.top_k, top_p=args.top_p,
-                          repetition_penalty=args.repetition_penalty, seed=args.seed)
+    from diyllm.generation.sampling import SamplingParams
+
+    params = SamplingParams(temperature=args.temperature, top_k=args.top_k, top_p=args.top_p,
+                            repetition_penalty=args.repetition_penalty, seed=args.seed)
+    session = ChatSession(model, tokenizer, system=args.system, max_new_tokens=args.max_new_tokens, params=params)
     if args.prompt is not None:
         chat_loop(session, [args.prompt], sys.stdout, interactive=False)
         return 0

@@ -68,8 +68,9 @@ def _check_options(args: argparse.Namespace) -> None:
 
 def run(args: argparse.Namespace) -> int:
     from diyllm.generation.generate import generate
+    from diyllm.generation.sampling import SamplingParams
     from diyllm.generation.text import stream_text
-    from diyllm.training.checkpoint import load_model
+    from diyllm.loading import load_model
     from diyllm.training.device import resolve_device
 
     _check_options(args)
@@ -77,11 +78,11 @@ def run(args: argparse.Namespace) -> int:
     if tokenizer is None:
         raise UserError(f"{args.ckpt} holds no tokenizer, so text cannot be encoded; retrain with `diyllm train`")
     ids = _prompt_ids(tokenizer, args.prompt)
-    options = dict(temperature=args.temperature, top_k=args.top_k, top_p=args.top_p,
-                   repetition_penalty=args.repetition_penalty, seed=args.seed, use_cache=not args.no_cache,
-                   context=args.context, vocab_limit=tokenizer.vocab_size)
     eot = getattr(tokenizer, "eot_id", None)
-    stop_ids = [eot] if eot is not None else []
+    params = SamplingParams(temperature=args.temperature, top_k=args.top_k, top_p=args.top_p,
+                            repetition_penalty=args.repetition_penalty, seed=args.seed, use_cache=not args.no_cache,
+                            context=args.context, vocab_limit=tokenizer.vocab_size,
+                            stop_ids=(eot,) if eot is not None else ())
     if args.seed is not None:
         torch.manual_seed(args.seed)
 
@@ -93,13 +94,13 @@ def run(args: argparse.Namespace) -> int:
             stats: dict = {}
             sys.stdout.write(args.prompt)
             for piece in stream_text(model, tokenizer, ids, args.max_new_tokens, stop_strings=args.stop,
-                                     stats=stats, **options):
+                                     stats=stats, params=params):
                 sys.stdout.write(piece)
                 sys.stdout.flush()
             sys.stdout.write("\n")
             num_tokens = stats.get("num_tokens", 0)
         else:
-            rows = generate(model, [ids] * args.num_samples, args.max_new_tokens, stop_ids=stop_ids, **options)
+            rows = generate(model, [ids] * args.num_samples, args.max_new_tokens, params)
             num_tokens = sum(len(r) for r in rows)
             for i, row in enumerate(rows):
                 text = tokenizer.decode(row)

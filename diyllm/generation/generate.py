@@ -27,15 +27,16 @@ from __future__ import annotations
 import warnings
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
+from typing import Any
 
 import torch
 from torch import nn
 
-from diyllm.generation.sampling import apply_repetition_penalty, sample_next
+from diyllm.generation.sampling import CONTEXT_MODES, SamplingParams, apply_repetition_penalty, sample_next
 from diyllm.model.kv_cache import KVCache
 from diyllm.model.layers import frozen_fused_weights
 
-CONTEXT_MODES = ("slide", "stop")
+__all__ = ["CONTEXT_MODES", "ContextFullWarning", "DecodeStep", "SamplingParams", "generate", "iter_steps", "stream"]
 
 
 class ContextFullWarning(RuntimeWarning):
@@ -74,43 +75,33 @@ def iter_steps(
     model: nn.Module,
     prompt_ids: Sequence[int] | Sequence[Sequence[int]],
     max_new_tokens: int,
-    temperature: float = 1.0,
-    top_k: int | None = None,
-    top_p: float | None = None,
-    repetition_penalty: float = 1.0,
-    stop_ids: Sequence[int] = (),
-    seed: int | None = None,
-    use_cache: bool = True,
-    context: str = "slide",
-    vocab_limit: int | None = None,
+    params: SamplingParams | None = None,
+    **options: Any,
 ) -> Iterator[DecodeStep]:
     """The decoding loop itself: yields one `DecodeStep` per new token (for the whole batch).
 
-    `generate` and `stream` are thin wrappers; use this when you need the logits (tests, analysis).
-    The model is put in eval mode for the duration and restored afterwards. `vocab_limit` (usually the
-    tokenizer's vocab size) forbids ids >= it: a model whose embedding is larger than its tokenizer (a
-    padded vocab_size) must never emit an id that has no text.
+    `params` (a SamplingParams) and/or its fields as keywords (temperature=0, stop_ids=[...], ...) say how
+    to sample. `generate` and `stream` are thin wrappers; use this when you need the logits (tests,
+    analysis). The model is put in eval mode for the duration and restored afterwards.
     """
     prompts, _ = _as_batch(prompt_ids)
-    if context not in CONTEXT_MODES:
-        raise ValueError(f"context={context!r} must be one of {CONTEXT_MODES}")
-    if repetition_penalty <= 0:
-        raise ValueError(f"repetition_penalty must be > 0, got {repetition_penalty}")
+    params = SamplingParams.from_options(params, **options)
     if max_new_tokens <= 0:
         return
     was_training = model.training
     model.eval()
     try:
         with frozen_fused_weights(model):  # stack q|k|v and w1|w3 once, not at every step
-            yield from _decode(model, prompts, max_new_tokens, temperature, top_k, top_p, repetition_penalty,
-                               tuple(stop_ids), seed, use_cache, context, vocab_limit)
+            yield from _decode(model, prompts, max_new_tokens, params)
     finally:
         model.train(was_training)
 
 
 @torch.inference_mode()
-def _decode(model, prompts, max_new_tokens, temperature, top_k, top_p, repetition_penalty, stop_ids, seed,
-            use_cache, context, vocab_limit) -> Iterator[DecodeStep]:
+def _decode(model: nn.Module, prompts: list[list[int]], max_new_tokens: int, params: SamplingParams
+            ) -> Iterator[DecodeStep]:
+    context, stop_ids, repetition_penalty = params.context, params.stop_ids, params.repetition_penalty
+    vocab_limit = params.vocab_limit
     param = next(model.parameters())
     device, ctx = param.device, model.config.context_length
     B, L = len(prompts), max(len(p) for p in prompts)
@@ -146,12 +137,12 @@ def _decode(model, prompts, max_new_tokens, temperature, top_k, top_p, repetitio
         logits = model(ids, positions=positions, attn_mask=mask, kv_cache=cache, last_logits_only=True).logits
         return logits[:, -1], (positions[:, -1:] + 1 if positions is not None else None)
 
-    cache = KVCache.for_model(model, B, ctx) if use_cache else None
+    cache = KVCache.for_model(model, B, ctx) if params.use_cache else None
     keep = max(1, ctx - ctx // 4)  # tokens kept when the cached path slides its window
     cache_start = max(0, n - ctx)
     logits, next_pos = full_forward(cache_start, n, cache)
 
-    generator = torch.Generator(device=device).manual_seed(seed) if seed is not None else None
+    generator = torch.Generator(device=device).manual_seed(params.seed) if params.seed is not None else None
     seen = None
     if repetition_penalty != 1.0:
         seen = torch.zeros(B, model.config.vocab_size, dtype=torch.bool, device=device)
@@ -166,7 +157,7 @@ def _decode(model, prompts, max_new_tokens, temperature, top_k, top_p, repetitio
         scores = apply_repetition_penalty(logits, seen, repetition_penalty) if seen is not None else logits
         if no_text is not None:
             scores = scores.masked_fill(no_text, float("-inf"))
-        tok = sample_next(scores, temperature, top_k, top_p, generator)
+        tok = sample_next(scores, params.temperature, params.top_k, params.top_p, generator)
         seq[:, n] = tok
         real[:, n] = True
         n += 1
@@ -203,31 +194,25 @@ def generate(
     model: nn.Module,
     prompt_ids: Sequence[int] | Sequence[Sequence[int]],
     max_new_tokens: int,
-    temperature: float = 1.0,
-    top_k: int | None = None,
-    top_p: float | None = None,
-    repetition_penalty: float = 1.0,
-    stop_ids: Sequence[int] = (),
-    seed: int | None = None,
-    use_cache: bool = True,
-    context: str = "slide",
-    vocab_limit: int | None = None,
+    params: SamplingParams | None = None,
+    **options: Any,
 ) -> list[list[int]]:
     """Generate up to `max_new_tokens` after each prompt; returns the new ids of every row.
 
-    `prompt_ids` is one prompt (list of ids) or a batch (list of lists, any lengths). A row ends at its
-    first id in `stop_ids`, which is not included in the result. temperature=0 is greedy decoding;
-    `seed` makes sampling reproducible (same seed, same prompts, same samples).
+    `prompt_ids` is one prompt (list of ids) or a batch (list of lists, any lengths). Sampling: `params`
+    and/or SamplingParams fields as keywords. A row ends at its first id in `stop_ids`, which is not
+    included in the result. temperature=0 is greedy decoding; `seed` makes sampling reproducible (same
+    seed, same prompts, same samples).
     """
     prompts, _ = _as_batch(prompt_ids)
-    steps = iter_steps(model, prompts, max_new_tokens, temperature, top_k, top_p, repetition_penalty, stop_ids,
-                       seed, use_cache, context, vocab_limit)
+    params = SamplingParams.from_options(params, **options)
+    steps = iter_steps(model, prompts, max_new_tokens, params)
     # Collect on the device and convert once at the end: no host sync per token.
     collected = [s.tokens for s in steps]
     if not collected:
         return [[] for _ in prompts]
     rows = torch.stack(collected, dim=1).tolist()
-    stops = set(stop_ids)
+    stops = set(params.stop_ids)
     out = []
     for row in rows:
         cut = next((i for i, t in enumerate(row) if t in stops), len(row))
@@ -239,15 +224,8 @@ def stream(
     model: nn.Module,
     prompt_ids: Sequence[int] | Sequence[Sequence[int]],
     max_new_tokens: int,
-    temperature: float = 1.0,
-    top_k: int | None = None,
-    top_p: float | None = None,
-    repetition_penalty: float = 1.0,
-    stop_ids: Sequence[int] = (),
-    seed: int | None = None,
-    use_cache: bool = True,
-    context: str = "slide",
-    vocab_limit: int | None = None,
+    params: SamplingParams | None = None,
+    **options: Any,
 ) -> Iterator[int] | Iterator[list[int | None]]:
     """Like `generate`, but yields tokens as soon as they are produced.
 
@@ -255,9 +233,9 @@ def stream(
     it yields one list per step with an int for each row still running and None for finished rows.
     """
     prompts, single = _as_batch(prompt_ids)
-    stops = set(stop_ids)
-    steps = iter_steps(model, prompts, max_new_tokens, temperature, top_k, top_p, repetition_penalty, stop_ids,
-                       seed, use_cache, context, vocab_limit)
+    params = SamplingParams.from_options(params, **options)
+    stops = set(params.stop_ids)
+    steps = iter_steps(model, prompts, max_new_tokens, params)
     for s in steps:
         tokens, finished = s.tokens.tolist(), s.finished.tolist()
         if single:

@@ -10,7 +10,53 @@ sample. Temperature 0 means greedy (argmax after the repetition penalty).
 
 from __future__ import annotations
 
+import dataclasses
+from collections.abc import Sequence
+from dataclasses import dataclass
+from typing import Any
+
 import torch
+
+CONTEXT_MODES = ("slide", "stop")
+
+
+@dataclass(frozen=True)
+class SamplingParams:
+    """How to pick each next token, and when to stop: the options generate / stream / iter_steps share.
+
+    temperature 0 is greedy; top_k / top_p restrict the candidates (None: off); repetition_penalty > 1
+    discourages tokens already in the sequence; a row ends at its first id in stop_ids; seed makes
+    sampling reproducible; use_cache=False takes the readable no-cache path; context "slide" drops the
+    oldest tokens when the window is full, "stop" ends generation; vocab_limit forbids ids >= it (a model
+    whose embedding is larger than its tokenizer must never emit an id without text).
+    """
+
+    temperature: float = 1.0
+    top_k: int | None = None
+    top_p: float | None = None
+    repetition_penalty: float = 1.0
+    stop_ids: tuple[int, ...] = ()
+    seed: int | None = None
+    use_cache: bool = True
+    context: str = "slide"
+    vocab_limit: int | None = None
+
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "stop_ids", tuple(int(i) for i in self.stop_ids))
+        if self.context not in CONTEXT_MODES:
+            raise ValueError(f"context={self.context!r} must be one of {CONTEXT_MODES}")
+        if self.repetition_penalty <= 0:
+            raise ValueError(f"repetition_penalty must be > 0, got {self.repetition_penalty}")
+
+    @classmethod
+    def from_options(cls, params: SamplingParams | None = None, **options: Any) -> SamplingParams:
+        """`params` with keyword options laid over it (the keyword-style call sites: temperature=0, ...)."""
+        unknown = set(options) - {f.name for f in dataclasses.fields(cls)}
+        if unknown:
+            raise TypeError(f"unknown sampling option(s) {sorted(unknown)}; see SamplingParams")
+        if "stop_ids" in options and isinstance(options["stop_ids"], Sequence):
+            options["stop_ids"] = tuple(options["stop_ids"])
+        return dataclasses.replace(params, **options) if params is not None else cls(**options)
 
 
 def apply_repetition_penalty(logits: torch.Tensor, seen: torch.Tensor, penalty: float) -> torch.Tensor:

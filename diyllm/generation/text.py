@@ -15,6 +15,7 @@ from typing import Any
 from torch import nn
 
 from diyllm.generation.generate import stream
+from diyllm.generation.sampling import SamplingParams
 
 REPLACEMENT_CHAR = "\ufffd"
 
@@ -40,26 +41,30 @@ def stream_text(
     stop_strings: Sequence[str] = (),
     stop_at_eot: bool = True,
     stats: dict | None = None,
-    **kwargs: Any,
+    params: SamplingParams | None = None,
+    **options: Any,
 ) -> Iterator[str]:
     """Yield the reply to `prompt` piece by piece, as text.
 
     `prompt` is a string (encoded with `tokenizer`) or already-encoded ids. Generation ends at a stop
-    string (not included), at one of `kwargs["stop_ids"]`, at the tokenizer's end-of-text token when
-    `stop_at_eot`, or after `max_new_tokens`. Other keyword arguments go to `generate.stream`
-    (temperature, top_k, top_p, repetition_penalty, seed, use_cache, context). A `stats` dict, when
-    given, receives "num_tokens" (new tokens generated, for throughput prints).
+    string (not included), at one of the sampling stop_ids, at the tokenizer's end-of-text token when
+    `stop_at_eot`, or after `max_new_tokens`. Sampling: `params` (SamplingParams) and/or its fields as
+    keywords (temperature, top_k, top_p, repetition_penalty, seed, use_cache, context). A `stats` dict,
+    when given, receives "num_tokens" (new tokens generated, for throughput prints).
     """
     ids = tokenizer.encode(prompt) if isinstance(prompt, str) else list(prompt)
-    stop_ids = list(kwargs.pop("stop_ids", ()))
+    params = SamplingParams.from_options(params, **options)
+    stop_ids = list(params.stop_ids)
     eot = getattr(tokenizer, "eot_id", None)
     if stop_at_eot and eot is not None and eot not in stop_ids:
         stop_ids.append(eot)
-    if getattr(tokenizer, "vocab_size", None):
-        kwargs.setdefault("vocab_limit", tokenizer.vocab_size)  # never sample an id the tokenizer cannot decode
+    limit = params.vocab_limit
+    if limit is None and getattr(tokenizer, "vocab_size", None):
+        limit = tokenizer.vocab_size  # never sample an id the tokenizer cannot decode
+    params = SamplingParams.from_options(params, stop_ids=stop_ids, vocab_limit=limit)
     new_ids: list[int] = []
     emitted = 0
-    tokens = stream(model, ids, max_new_tokens, stop_ids=stop_ids, **kwargs)
+    tokens = stream(model, ids, max_new_tokens, params)
     try:
         for tok in tokens:
             new_ids.append(tok)
@@ -90,7 +95,9 @@ def generate_text(
     max_new_tokens: int = 256,
     stop_strings: Sequence[str] = (),
     stop_at_eot: bool = True,
-    **kwargs: Any,
+    params: SamplingParams | None = None,
+    **options: Any,
 ) -> str:
     """The reply to `prompt` as one string (see `stream_text` for the stopping rules and options)."""
-    return "".join(stream_text(model, tokenizer, prompt, max_new_tokens, stop_strings, stop_at_eot, **kwargs))
+    return "".join(stream_text(model, tokenizer, prompt, max_new_tokens, stop_strings, stop_at_eot,
+                               params=params, **options))

@@ -74,7 +74,7 @@ def export_hf(
     """
     from safetensors.torch import save_file
 
-    from diyllm.training.checkpoint import unwrap_model
+    from diyllm.checkpoints import unwrap_model
 
     out_dir = Path(out_dir)
     if out_dir.exists() and not out_dir.is_dir():
@@ -118,13 +118,17 @@ def export_checkpoint(
     ckpt_path: str | os.PathLike, out_dir: str | os.PathLike, dtype: torch.dtype | str | None = None,
     overwrite: bool = False,
 ) -> Path:
-    """`export_hf` for a diyllm checkpoint file (or run folder: its best.pt) with its embedded tokenizer."""
-    from diyllm.training.checkpoint import load_model
+    """`export_hf` for a diyllm checkpoint file (or run folder: its best.pt) with its embedded tokenizer.
 
-    model, tokenizer, _ = load_model(ckpt_path, device="cpu")
-    from diyllm.model.lora import merge_lora
+    Reads the file with diyllm.checkpoints, not diyllm.loading (whose hf: references come back here)."""
+    from diyllm.checkpoints import model_from_checkpoint, read_checkpoint, resolve_checkpoint_path, tokenizer_from_text
 
-    merge_lora(model)  # a LoRA checkpoint loads as base + adapters: export the folded weights
+    path = resolve_checkpoint_path(ckpt_path)
+    ckpt = read_checkpoint(path)
+    if "lora" in ckpt:
+        raise UserError(f"{path} holds LoRA adapters only; fold them into a plain checkpoint first: "
+                        f"diyllm lora merge --ckpt {ckpt_path} --out merged.pt, then export merged.pt")
+    model, tokenizer = model_from_checkpoint(ckpt, path), tokenizer_from_text(ckpt.get("tokenizer"), path)
     if tokenizer is None:
         warnings.warn(f"{ckpt_path} embeds no tokenizer; exporting the model without tokenizer files", stacklevel=2)
     return export_hf(model, out_dir, tokenizer, dtype=dtype, overwrite=overwrite)

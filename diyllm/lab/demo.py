@@ -57,7 +57,7 @@ def ensure_data(corpus: str, data_dir: Path, input_path: str | None, max_bytes: 
 def sample_texts(run_dir: Path, prompts: list[str], max_new_tokens: int, seed: int = 0) -> list[tuple[str, str]]:
     """(prompt, continuation) pairs from the run's best checkpoint, temperature 0.8, top-k 50."""
     from diyllm.generation.generate import generate
-    from diyllm.training.checkpoint import load_model
+    from diyllm.loading import load_model
 
     model, tok, _ = load_model(run_dir)
     if tok is None:

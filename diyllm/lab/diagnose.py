@@ -28,12 +28,12 @@ import torch
 from torch import nn
 
 from diyllm.atomic import atomic_write
+from diyllm.checkpoints import read_checkpoint
 from diyllm.errors import UserError
 from diyllm.lab.common import save_png
 from diyllm.model import DIYConfig, DIYForCausalLM
 from diyllm.model.attention import causal_mask
 from diyllm.model.rope import apply_rotary
-from diyllm.training.checkpoint import read_checkpoint
 from diyllm.training.optim import AdamW
 
 ACCEPTS_OVERRIDES = True

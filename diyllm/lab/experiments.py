@@ -62,14 +62,14 @@ def write_synthetic(out: Path, s: dict, seed: int) -> dict[str, Path]:
 
 
 def byte_tokenizer():
-    """256 byte tokens + <|endoftext|>: no tokenizer training, and letters stay visible to the model."""
-    from diyllm.tokenizers import BPETokenizer
+    """256 byte tokens + <|endoftext|> (diyllm.tokenizers.byte_tokenizer)."""
+    from diyllm.tokenizers import byte_tokenizer
 
-    return BPETokenizer({i: bytes([i]) for i in range(256)}, [], special_tokens=["<|endoftext|>"])
+    return byte_tokenizer()
 
 
 def per_task(convs: list[dict], replies: list[str]) -> dict[str, float]:
-    from diyllm.data.synthetic import normalise
+    from diyllm.generation.exact_match import normalise
 
     tasks: dict[str, list[int]] = {}
     for c, r in zip(convs, replies):
@@ -98,8 +98,8 @@ def _pretrain_vs_sft(out: Path, s: dict, quick: bool, device: str, seed: int, sh
     import torch
 
     from diyllm.data.chat_template import add_chat_tokens
-    from diyllm.data.synthetic import exact_match
-    from diyllm.training.checkpoint import load_model
+    from diyllm.generation.exact_match import exact_match
+    from diyllm.loading import load_model
     from diyllm.training.config import TrainConfig
     from diyllm.training.sft_cli import prepare_sft, resize_vocabulary
     from diyllm.training.trainer import train

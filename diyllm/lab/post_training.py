@@ -53,7 +53,7 @@ def write_data(out: Path, s: dict, seed: int) -> dict[str, Path]:
 
 def measure(model: Any, tok: Any, rl_val: list[dict], pref_rows: Any, show: int) -> dict[str, Any]:
     """Held-out exact match (greedy) on the RL prompts and held-out preference accuracy."""
-    from diyllm.data.synthetic import exact_match
+    from diyllm.generation.exact_match import exact_match
     from diyllm.training.dpo import preference_accuracy
 
     em, replies = exact_match(model, tok, rl_val, return_replies=True)
@@ -79,7 +79,7 @@ def post_training(out: Path, quick: bool = False, device: str = "cpu", seed: int
 
 def _run(out: Path, s: dict, device: str, seed: int, show: int, log) -> dict[str, Any]:
     from diyllm.data.chat_template import add_chat_tokens
-    from diyllm.lab.experiments import byte_tokenizer
+    from diyllm.tokenizers import byte_tokenizer
     from diyllm.training.checkpoint import load_model
     from diyllm.training.config import TrainConfig
     from diyllm.training.dpo import prepare_dpo

@@ -2,7 +2,7 @@
 
 Where things are: layers.py (Linear, Embedding, RMSNorm, SiLU, SwiGLU), rope.py (rotary positions),
 attention.py (softmax, scaled dot-product attention, causal self-attention, GQA), kv_cache.py,
-transformer.py (blocks and DIYForCausalLM), config.py (DIYConfig).
+transformer.py (blocks and DIYForCausalLM), config.py (DIYConfig), loss.py (cross-entropy).
 """
 
 from diyllm.model.config import DIYConfig

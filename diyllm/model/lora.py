@@ -225,6 +225,32 @@ def merge_lora(model: nn.Module) -> nn.Module:
     return model
 
 
+@torch.no_grad()
+def load_lora_state(model: nn.Module, state: dict[str, torch.Tensor], where: str = "adapters") -> None:
+    """Load an adapters-only state (lora_state_dict) into a model that has the same adapters.
+
+    Fully trained matrices (lm_head / embedding) may have more rows than the base when the fine-tuning
+    run added tokens: they replace the base's matrices, and the vocabulary size follows them."""
+    for key, module_path in (("lm_head.weight", "lm_head"), ("token_embeddings.weight", "token_embeddings")):
+        module = _get(model, module_path)
+        if key in state and module is not None and state[key].shape != module.weight.shape:
+            module.weight = nn.Parameter(state[key].clone().to(module.weight.device))
+            rows = state[key].shape[0]
+            if module_path == "lm_head":
+                module.out_features = rows
+            else:
+                module.num_embeddings = rows
+            model.config.vocab_size = rows
+    wanted = set(lora_state_dict(model))
+    _, unexpected = model.load_state_dict(state, strict=False)
+    missing = wanted - set(state)
+    if unexpected or missing:
+        raise UserError(f"{where}: adapters do not fit the base model (unexpected {sorted(unexpected)[:4]}, "
+                        f"missing {sorted(missing)[:4]})")
+    if getattr(model.config, "tie_embeddings", False):
+        model.token_embeddings.weight = model.lm_head.weight
+
+
 def state_dict_sha256(state: dict[str, torch.Tensor]) -> str:
     """A hash of the tensors (names, dtypes, shapes, values): identifies the base weights an adapter
     checkpoint was trained on, whatever file format they were stored in."""

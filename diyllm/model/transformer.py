@@ -19,8 +19,8 @@ from diyllm.model.attention import CausalSelfAttention, RotaryAngles, rotary_for
 from diyllm.model.config import DIYConfig
 from diyllm.model.kv_cache import KVCache
 from diyllm.model.layers import Embedding, Linear, RMSNorm, SwiGLU
+from diyllm.model.loss import cross_entropy
 from diyllm.model.rope import RotaryEmbedding
-from diyllm.training.loss import cross_entropy
 
 
 class CausalLMOutput(NamedTuple):

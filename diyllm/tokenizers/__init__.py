@@ -20,6 +20,11 @@ Tokenizer = Union[BPETokenizer, CharTokenizer]  # noqa: UP007 - also used at run
 _KINDS = {"bpe": BPETokenizer, "char": CharTokenizer}
 
 
+def byte_tokenizer() -> BPETokenizer:
+    """256 byte tokens + <|endoftext|>: no tokenizer training, and letters stay visible to the model."""
+    return BPETokenizer({i: bytes([i]) for i in range(256)}, [], special_tokens=["<|endoftext|>"])
+
+
 def load_tokenizer(path: str | os.PathLike) -> Tokenizer:
     """Load a tokenizer JSON file written by `.save()`, whatever its kind."""
     try:
@@ -40,4 +45,5 @@ def load_tokenizer(path: str | os.PathLike) -> Tokenizer:
         raise UserError(f"{path}: malformed {kind} tokenizer file ({type(exc).__name__}: {exc})") from None
 
 
-__all__ = ["BPETokenizer", "CharTokenizer", "GPT2_PATTERN", "Tokenizer", "load_tokenizer", "train_bpe"]
+__all__ = ["BPETokenizer", "CharTokenizer", "GPT2_PATTERN", "Tokenizer", "byte_tokenizer", "load_tokenizer",
+           "train_bpe"]

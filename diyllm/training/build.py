@@ -14,9 +14,9 @@ from torch import nn
 
 from diyllm.errors import UserError
 from diyllm.model import DIYConfig
+from diyllm.model.config import SHAPE_FIELDS
 from diyllm.training.config import TrainConfig
 from diyllm.training.optim import AdamW
-from diyllm.training.resume import SHAPE_FIELDS
 
 CUBLAS_DETERMINISTIC = ":4096:8"  # cuBLAS's documented workspace setting for reproducible results
 
@@ -56,12 +56,9 @@ def seed_dropout(seed: int, rank: int) -> None:
 
 
 def model_config_from(cfg: TrainConfig, vocab_size: int) -> DIYConfig:
+    """The model the config's model keys describe (they are DIYConfig's own fields), with this vocabulary."""
     try:
-        return DIYConfig(vocab_size=vocab_size, context_length=cfg.context_length, d_model=cfg.d_model,
-                         num_layers=cfg.num_layers, num_heads=cfg.num_heads, num_kv_heads=cfg.num_kv_heads,
-                         d_ff=cfg.d_ff, rope_theta=cfg.rope_theta, norm_eps=cfg.norm_eps, dropout=cfg.dropout,
-                         tie_embeddings=cfg.tie_embeddings, attn_impl=cfg.attn_impl,
-                         fused_projections=cfg.fused_projections, init_std=cfg.init_std)
+        return DIYConfig(**{**cfg.model_values(), "vocab_size": vocab_size})
     except ValueError as exc:
         raise UserError(str(exc)) from exc
 
@@ -74,7 +71,7 @@ def checkpoint_shape(cfg: TrainConfig, ckpt: dict[str, Any], log) -> tuple[Train
         raise UserError(f"{cfg.init_from} has no model_config; cannot rebuild its model")
     mc = DIYConfig.from_dict({**saved, "dropout": cfg.dropout, "attn_impl": cfg.attn_impl,
                               "fused_projections": cfg.fused_projections})
-    shape = {k: getattr(mc, k) for k in SHAPE_FIELDS if k in TrainConfig.__dataclass_fields__}
+    shape = {k: getattr(mc, k) for k in SHAPE_FIELDS}
     changed = {k: v for k, v in shape.items()
                if getattr(cfg, k) not in (v, None) and not (k == "vocab_size" and cfg.vocab_size == 0)}
     if changed:

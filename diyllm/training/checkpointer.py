@@ -12,7 +12,7 @@ positions; see diyllm.training.resume.training_entries). `save` is called on eve
 sharded checkpointer needs every rank to write its shard; it returns once the checkpoint is complete on
 disk for every rank, so a process that starts reading it right after finds it whole.
 
-`SingleFileCheckpointer` is today's format: one `.pt` file (diyllm.training.checkpoint.save_checkpoint)
+`SingleFileCheckpointer` is today's format: one `.pt` file (diyllm.checkpoints.save_checkpoint)
 written atomically by rank 0, holding the plain model's state_dict and the optimizer's.
 """
 
@@ -25,7 +25,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from diyllm.training.checkpoint import read_checkpoint, save_checkpoint, unwrap_model
+from diyllm.checkpoints import read_checkpoint, save_checkpoint, unwrap_model
 from diyllm.training.distributed import DistInfo
 
 

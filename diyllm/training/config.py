@@ -24,6 +24,7 @@ from pathlib import Path
 from typing import Any
 
 from diyllm.errors import UserError
+from diyllm.model.config import ModelFields, shape_problems
 
 if sys.version_info >= (3, 11):
     import tomllib
@@ -37,22 +38,10 @@ DATA_FORMATS = ("auto", "bin", "jsonl", "sft")
 
 
 @dataclass
-class TrainConfig:
-    # ---- model shape (a DIYConfig is built from these) ----
+class TrainConfig(ModelFields):
+    # ---- model (the fields of diyllm.model.config.ModelFields, declared there once; a DIYConfig is
+    # built from them). Only the vocabulary's default differs: ----
     vocab_size: int = 0  # 0: take it from the data (meta.json / tokenizer)
-    context_length: int = 256
-    d_model: int = 384
-    num_layers: int = 6
-    num_heads: int = 6
-    num_kv_heads: int | None = None  # None: = num_heads; fewer: grouped-query attention
-    d_ff: int | None = None  # None: 8/3·d_model rounded up to a multiple of 64
-    rope_theta: float = 10000.0
-    norm_eps: float = 1e-5
-    dropout: float = 0.0
-    tie_embeddings: bool = False
-    attn_impl: str = "sdpa"
-    fused_projections: bool | None = None  # None: fused on GPU, separate matmuls on CPU (faster there)
-    init_std: float | None = None  # None: per-layer init; a float: GPT-2 style N(0, std)
     # ---- data ----
     data_dir: str = "data/shakespeare_char"
     data_format: str = "auto"  # auto | bin | jsonl | sft
@@ -125,8 +114,9 @@ class TrainConfig:
             if not cond:
                 problems.append(msg)
 
-        for name in ("context_length", "d_model", "num_layers", "num_heads", "batch_size",
-                     "gradient_accumulation_steps", "max_iters", "log_interval"):
+        # the model's options: checked by the model's own rules (vocab_size 0 = from the data)
+        problems += shape_problems({**self.model_values(), "vocab_size": max(self.vocab_size, 1)})
+        for name in ("batch_size", "gradient_accumulation_steps", "max_iters", "log_interval"):
             need(getattr(self, name) > 0, f"{name} must be positive (got {getattr(self, name)})")
         for name in ("vocab_size", "warmup_iters", "lr_decay_iters", "eval_interval", "checkpoint_interval",
                      "patience", "max_nonfinite_steps", "eval_iters", "num_threads"):
@@ -144,13 +134,11 @@ class TrainConfig:
                  f"lr_decay_iters={self.lr_decay_iters} < warmup_iters={self.warmup_iters}")
         need(0 <= self.beta1 < 1 and 0 <= self.beta2 < 1, f"beta1={self.beta1}, beta2={self.beta2} must be in [0, 1)")
         need(self.eps > 0, "eps must be > 0")
-        need(0 <= self.dropout < 1, f"dropout={self.dropout} must be in [0, 1)")
         need(self.eval_interval == 0 or self.eval_iters > 0, "eval_iters must be > 0 when eval_interval > 0")
         need(self.grad_spike_factor > 1, "grad_spike_factor must be > 1")
         need(self.dtype in DTYPES, f"dtype={self.dtype!r} must be one of {DTYPES}")
         need(self.device.split(":")[0] in DEVICES, f"device={self.device!r} must be auto, cpu, cuda, cuda:N or mps")
         need(self.data_format in DATA_FORMATS, f"data_format={self.data_format!r} must be one of {DATA_FORMATS}")
-        need(self.attn_impl in ("sdpa", "diy"), f"attn_impl={self.attn_impl!r} must be sdpa or diy")
         need(self.jsonl_mode in ("pack", "pad"), f"jsonl_mode={self.jsonl_mode!r} must be pack or pad")
         if self.init_from.startswith("hf:"):
             need(os.path.isdir(self.init_from[3:]),
@@ -160,14 +148,6 @@ class TrainConfig:
             need(os.path.exists(self.init_from),
                  f"init_from={self.init_from!r} is neither scratch, resume, hf:DIR nor an existing checkpoint "
                  "file or run folder")
-        if self.d_model > 0 and self.num_heads > 0:
-            need(self.d_model % self.num_heads == 0,
-                 f"d_model={self.d_model} must be divisible by num_heads={self.num_heads}")
-            kv = self.num_kv_heads or self.num_heads
-            need(kv > 0 and self.num_heads % kv == 0, f"num_heads={self.num_heads} must be a multiple of "
-                 f"num_kv_heads={kv}")
-            need(self.d_model % self.num_heads or (self.d_model // self.num_heads) % 2 == 0,
-                 f"head size d_model/num_heads={self.d_model // self.num_heads} must be even for RoPE")
         # --- issue 16: post-training ---
         need(self.lora_rank >= 0 and self.lora_alpha >= 0, "lora_rank and lora_alpha must be >= 0")
         need(0 <= self.lora_dropout < 1, f"lora_dropout={self.lora_dropout} must be in [0, 1)")

@@ -190,11 +190,11 @@ def make_source(cfg: TrainConfig, rank: int = 0, world_size: int = 1) -> BatchSo
     if fmt == "jsonl":
         from diyllm.data.jsonl import JsonlPretrainSource
 
-        source = JsonlPretrainSource(cfg)
+        source = JsonlPretrainSource.from_config(cfg)
     elif fmt == "sft":
         from diyllm.data.sft import SFTSource
 
-        source = SFTSource(cfg)
+        source = SFTSource.from_config(cfg)
     else:
         raise UserError(f"unknown data_format {cfg.data_format!r}; use auto, bin, jsonl or sft")
     if world_size > 1 and hasattr(source, "set_rank"):

@@ -7,7 +7,7 @@ import math
 from dataclasses import dataclass
 from typing import Any
 
-from diyllm.training.checkpoint import unwrap_model
+from diyllm.checkpoints import unwrap_model
 
 
 @dataclass

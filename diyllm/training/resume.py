@@ -20,12 +20,8 @@ import numpy as np
 import torch
 
 from diyllm.errors import UserError
+from diyllm.model.config import SHAPE_FIELDS
 from diyllm.training.distributed import DistInfo, gather_objects
-
-# DIYConfig fields that decide the weights' shapes/meaning: a checkpoint must agree on all of them.
-SHAPE_FIELDS = ("vocab_size", "context_length", "d_model", "num_layers", "num_heads", "num_kv_heads", "d_ff",
-                "tie_embeddings", "rope_theta", "norm_eps")
-
 
 # ---- RNGs ----------------------------------------------------------------------------------------------
 
@@ -110,7 +106,7 @@ def restore_rngs(ckpt: dict[str, Any], dist: DistInfo) -> None:
 
 def check_compatible(ckpt: dict[str, Any], model_config: Any, data_tokenizer: Any, where: str) -> None:
     """Refuse a checkpoint whose model shape or tokenizer differs from this run's, listing every difference."""
-    from diyllm.training.checkpoint import tokenizer_from_text
+    from diyllm.checkpoints import tokenizer_from_text
 
     diffs = []
     if isinstance(ckpt.get("model_config"), dict) and model_config is not None:

@@ -22,8 +22,8 @@ from collections.abc import Callable, Sequence
 
 import torch
 
-from diyllm.data.synthetic import normalise
 from diyllm.errors import UserError
+from diyllm.generation.exact_match import normalise
 
 RewardFn = Callable[[str, str, "str | None"], float]
 

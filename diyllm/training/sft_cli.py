@@ -18,47 +18,19 @@ import argparse
 import dataclasses
 from typing import Any
 
-import torch
 from torch import nn
 
 from diyllm.errors import UserError
+from diyllm.model.config import SHAPE_FIELDS
+from diyllm.training.finetune import resize_vocabulary  # noqa: F401 - lives in finetune, imported from here too
 
 ACCEPTS_OVERRIDES = True
-SHAPE_KEYS = ("vocab_size", "context_length", "d_model", "num_layers", "num_heads", "num_kv_heads", "d_ff",
-              "rope_theta", "norm_eps", "tie_embeddings", "init_std")
+SHAPE_KEYS = SHAPE_FIELDS + ("init_std",)  # what the SFT run takes from the checkpoint it starts from
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("config", nargs="?", default=None, help="a TOML file or the name of a shipped sft config")
     parser.add_argument("--print-config", action="store_true", help="print the resolved config and exit")
-
-
-@torch.no_grad()
-def resize_vocabulary(model: nn.Module, new_size: int) -> list[int]:
-    """Grow the embedding and lm_head to `new_size` rows; new rows = mean of the old ones. Returns new ids.
-
-    The mean embedding is a vector the network has effectively seen (it is the centre of all inputs), and
-    a mean lm_head row gives each new token the average logit, so adding tokens does not disturb what the
-    model already predicts for the old ones.
-    """
-    old = model.config.vocab_size
-    if new_size < old:
-        raise ValueError(f"cannot shrink the vocabulary from {old} to {new_size}")
-    if new_size == old:
-        return []
-    extra = new_size - old
-    head = model.lm_head.weight
-    new_head = torch.cat([head, head.mean(0, keepdim=True).expand(extra, -1)])
-    model.lm_head.weight = nn.Parameter(new_head)
-    model.lm_head.out_features = new_size
-    if model.config.tie_embeddings:
-        model.token_embeddings.weight = model.lm_head.weight
-    else:
-        emb = model.token_embeddings.weight
-        model.token_embeddings.weight = nn.Parameter(torch.cat([emb, emb.mean(0, keepdim=True).expand(extra, -1)]))
-    model.token_embeddings.num_embeddings = new_size
-    model.config.vocab_size = new_size
-    return list(range(old, new_size))
 
 
 def check_tokenizer_matches(checkpoint_tok: Any, given_tok: Any, given_path: str, ckpt_path: str) -> None:
@@ -80,9 +52,10 @@ def check_tokenizer_matches(checkpoint_tok: Any, given_tok: Any, given_path: str
 
 def prepare_sft(cfg: Any) -> tuple[Any, Any, nn.Module | None]:
     """(cfg for the trainer, SFTSource, model or None) for an SFT run described by `cfg`."""
+    from diyllm.checkpoints import read_checkpoint, tokenizer_from_text
     from diyllm.data.sft import SFTSource
+    from diyllm.loading import load_model
     from diyllm.tokenizers import load_tokenizer
-    from diyllm.training.checkpoint import load_model, read_checkpoint, tokenizer_from_text
 
     cfg = dataclasses.replace(cfg, data_format="sft")
     if cfg.init_from == "scratch":
@@ -95,7 +68,7 @@ def prepare_sft(cfg: Any) -> tuple[Any, Any, nn.Module | None]:
         ckpt = read_checkpoint(path)
         tok = tokenizer_from_text(ckpt.get("tokenizer"), str(path))
         cfg = dataclasses.replace(cfg, **{k: ckpt["model_config"][k] for k in SHAPE_KEYS if k in ckpt["model_config"]})
-        return cfg, SFTSource(cfg, tokenizer=tok), None
+        return cfg, SFTSource.from_config(cfg, tokenizer=tok), None
 
     path = cfg.init_from
     model, tok, _ = load_model(path)  # a .pt, a run folder, or hf:DIR
@@ -108,7 +81,7 @@ def prepare_sft(cfg: Any) -> tuple[Any, Any, nn.Module | None]:
         check_tokenizer_matches(tok, load_tokenizer(cfg.tokenizer_path), cfg.tokenizer_path, path)
     # The model's shape wins over the config's (the weights exist already); sequences must fit its context.
     cfg = dataclasses.replace(cfg, **{k: getattr(model.config, k) for k in SHAPE_KEYS if k != "vocab_size"})
-    source = SFTSource(cfg, tokenizer=tok)
+    source = SFTSource.from_config(cfg, tokenizer=tok)
     added = resize_vocabulary(model, source.vocab_size)
     if added:
         print(f"added chat tokens {added} to the tokenizer; embedding/lm_head rows initialised to the mean row")

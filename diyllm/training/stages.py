@@ -19,10 +19,11 @@ from pathlib import Path
 import torch
 
 from diyllm.atomic import atomic_write
+from diyllm.checkpoints import unwrap_model
 from diyllm.errors import UserError
+from diyllm.loading import read_model_reference
 from diyllm.model import DIYForCausalLM
 from diyllm.training import build, resume
-from diyllm.training.checkpoint import read_init_checkpoint, unwrap_model
 from diyllm.training.checkpointer import SingleFileCheckpointer
 from diyllm.training.components import CheckpointSchedule, EarlyStopping, Evaluator
 from diyllm.training.data_source import make_source
@@ -48,6 +49,7 @@ class SetupStages:
                 f"{self.dist.world_size} processes; the global batch is split across ranks, so use a multiple "
                 f"of {self.dist.world_size}")
         self.accum = cfg.gradient_accumulation_steps // self.dist.world_size  # micro-steps on this rank
+        self._deterministic_before = torch.are_deterministic_algorithms_enabled()  # close() puts it back
         build.configure_numerics(cfg, self.device)
         build.seed_everything(cfg.seed, self.dist.rank)
 
@@ -71,7 +73,7 @@ class SetupStages:
         cfg = self.cfg
         init_ckpt = None
         if cfg.init_from not in ("scratch", "resume"):
-            init_ckpt, where = read_init_checkpoint(cfg.init_from)  # a .pt, a run folder, or hf:DIR
+            init_ckpt, where = read_model_reference(cfg.init_from)  # a .pt, a run folder, or hf:DIR
             self.ckpt_path = Path(where)
         if self.given_model is not None:
             self.model = self.given_model

@@ -35,10 +35,10 @@ from typing import Any
 import torch
 from torch import nn
 
+from diyllm.checkpoints import unwrap_model
 from diyllm.errors import UserError
 from diyllm.training import build, report, resume
 from diyllm.training.build import model_config_from, optimizer_groups
-from diyllm.training.checkpoint import unwrap_model
 from diyllm.training.checkpointer import Checkpointer
 from diyllm.training.components import StopSignal
 from diyllm.training.config import TrainConfig
@@ -108,6 +108,8 @@ class Trainer(SetupStages):
             self.bar = None
         if self.dist is not None:
             cleanup_distributed(self.dist)
+        if self.cfg.deterministic and hasattr(self, "_deterministic_before"):  # a process-wide switch: undo it
+            torch.use_deterministic_algorithms(self._deterministic_before)
 
     # ---- the loop ---------------------------------------------------------------------------------------
     def loop(self) -> TrainResult:
