@@ -208,8 +208,13 @@ def test_merged_lora_export_loads_in_transformers_with_equal_logits(tmp_path):
 
     base = _base_checkpoint(tmp_path)
     path, trained = _adapter_checkpoint(tmp_path, base, 4)
-    out = export_checkpoint(path, tmp_path / "hf")  # exporting an adapter checkpoint merges it
-    hf = transformers.AutoModelForCausalLM.from_pretrained(out, dtype=torch.float32).eval()
+    from diyllm.training.lora_cli import merge_checkpoint
+
+    merge_checkpoint(str(path), str(tmp_path / "merged.pt"))
     ids = torch.randint(0, 250, (2, 10))
-    with torch.no_grad():
-        torch.testing.assert_close(hf(ids).logits, trained(ids).logits, rtol=1e-4, atol=1e-4)
+    # the merged file, and the adapter checkpoint itself (export folds base + adapters), give the same model
+    for src, dst in ((tmp_path / "merged.pt", "hf"), (path, "hf_from_adapters")):
+        out = export_checkpoint(src, tmp_path / dst)
+        hf = transformers.AutoModelForCausalLM.from_pretrained(out, dtype=torch.float32).eval()
+        with torch.no_grad():
+            torch.testing.assert_close(hf(ids).logits, trained(ids).logits, rtol=1e-4, atol=1e-4)

@@ -48,17 +48,19 @@ class LoRALinear(Linear):
     layer the base layer again (the DPO/RL reference model without a second copy of the weights).
     """
 
-    def __init__(self, base: Linear, rank: int, alpha: float, dropout: float = 0.0):
+    def __init__(self, base: Linear, rank: int, alpha: float, dropout: float = 0.0,
+                 generator: torch.Generator | None = None):
         nn.Module.__init__(self)
         self.in_features, self.out_features = base.in_features, base.out_features
         self.weight = base.weight
         self.weight.requires_grad_(False)
         self.rank, self.alpha, self.scale, self.lora_dropout = int(rank), float(alpha), float(alpha) / rank, dropout
         w = base.weight
-        self.lora_A = nn.Parameter(torch.empty(rank, self.in_features, device=w.device, dtype=w.dtype))
-        self.lora_B = nn.Parameter(torch.zeros(self.out_features, rank, device=w.device, dtype=w.dtype))
         # Kaiming-uniform like nn.Linear's default: x Aᵀ has roughly unit variance per rank direction.
-        nn.init.kaiming_uniform_(self.lora_A, a=math.sqrt(5))
+        # Drawn on the CPU from `generator` (when given), so a seeded run gets the same adapters anywhere.
+        a = nn.init.kaiming_uniform_(torch.empty(rank, self.in_features), a=math.sqrt(5), generator=generator)
+        self.lora_A = nn.Parameter(a.to(device=w.device, dtype=w.dtype))
+        self.lora_B = nn.Parameter(torch.zeros(self.out_features, rank, device=w.device, dtype=w.dtype))
         self.enabled = True
 
     def delta_weight(self) -> torch.Tensor:
@@ -106,12 +108,14 @@ def _get(module: nn.Module, path: str) -> nn.Module | None:
 
 
 def apply_lora(model: nn.Module, rank: int, alpha: float | None = None, dropout: float = 0.0,
-               targets: str | Sequence[str] | None = None) -> list[str]:
+               targets: str | Sequence[str] | None = None, seed: int | None = None) -> list[str]:
     """Freeze `model` and wrap its targeted projections with LoRA adapters, in place; return their names.
 
     alpha defaults to rank (scale 1). Fully trained targets ("lm_head", "embed") keep requires_grad.
-    A target the model does not have is a UserError naming it.
+    A target the model does not have is a UserError naming it. `seed` makes the A matrices depend on it
+    alone (not on the global RNG's history), as exact resume and reproducible runs need.
     """
+    generator = torch.Generator().manual_seed(int(seed)) if seed is not None else None
     if int(rank) <= 0:
         raise UserError(f"lora_rank must be a positive integer, got {rank}")
     alpha = float(rank if alpha is None or alpha == 0 else alpha)
@@ -132,7 +136,7 @@ def apply_lora(model: nn.Module, rank: int, alpha: float | None = None, dropout:
                 continue
             if isinstance(child, LoRALinear):
                 raise UserError(f"layers.{i}.{path} already has a LoRA adapter; merge it first (diyllm lora merge)")
-            setattr(parent, attr, LoRALinear(child, rank, alpha, dropout))
+            setattr(parent, attr, LoRALinear(child, rank, alpha, dropout, generator))
             if getattr(parent, "fused", None) is not False and hasattr(parent, "fused_parts"):
                 parent.fused = False  # a stacked q|k|v weight would bypass the adapters
             wrapped.append(f"layers.{i}.{path}")
@@ -219,6 +223,32 @@ def merge_lora(model: nn.Module) -> nn.Module:
     for p in model.parameters():
         p.requires_grad_(True)
     return model
+
+
+@torch.no_grad()
+def load_lora_state(model: nn.Module, state: dict[str, torch.Tensor], where: str = "adapters") -> None:
+    """Load an adapters-only state (lora_state_dict) into a model that has the same adapters.
+
+    Fully trained matrices (lm_head / embedding) may have more rows than the base when the fine-tuning
+    run added tokens: they replace the base's matrices, and the vocabulary size follows them."""
+    for key, module_path in (("lm_head.weight", "lm_head"), ("token_embeddings.weight", "token_embeddings")):
+        module = _get(model, module_path)
+        if key in state and module is not None and state[key].shape != module.weight.shape:
+            module.weight = nn.Parameter(state[key].clone().to(module.weight.device))
+            rows = state[key].shape[0]
+            if module_path == "lm_head":
+                module.out_features = rows
+            else:
+                module.num_embeddings = rows
+            model.config.vocab_size = rows
+    wanted = set(lora_state_dict(model))
+    _, unexpected = model.load_state_dict(state, strict=False)
+    missing = wanted - set(state)
+    if unexpected or missing:
+        raise UserError(f"{where}: adapters do not fit the base model (unexpected {sorted(unexpected)[:4]}, "
+                        f"missing {sorted(missing)[:4]})")
+    if getattr(model.config, "tie_embeddings", False):
+        model.token_embeddings.weight = model.lm_head.weight
 
 
 def state_dict_sha256(state: dict[str, torch.Tensor]) -> str:

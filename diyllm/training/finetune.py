@@ -19,6 +19,7 @@ from torch import nn
 
 from diyllm.errors import UserError
 from diyllm.model.lora import adapters_disabled, apply_lora, trainable_fraction, trained_full_targets
+from diyllm.model.vocab import resize_vocabulary  # noqa: F401  (re-exported)
 from diyllm.training.checkpointer import SingleFileCheckpointer
 
 
@@ -84,7 +85,6 @@ def prepare_policy(cfg: Any, spec: str, need_reference: bool = False, chat: bool
     tokens had to be added, lm_head and the embedding train in full as well (new rows must learn).
     """
     from diyllm.data.chat_template import add_chat_tokens
-    from diyllm.model.vocab import resize_vocabulary
     from diyllm.training.lora_checkpoint import base_reference
 
     model, tok = load_start(spec)
@@ -100,7 +100,7 @@ def prepare_policy(cfg: Any, spec: str, need_reference: bool = False, chat: bool
         print(f"LoRA: new tokens {added} were added, so lm_head and the embedding train in full too")
     reference = None
     if cfg.lora_rank:
-        apply_lora(model, cfg.lora_rank, cfg.lora_alpha or None, cfg.lora_dropout, targets)
+        apply_lora(model, cfg.lora_rank, cfg.lora_alpha or None, cfg.lora_dropout, targets, seed=cfg.seed)
         if need_reference:
             full = trained_full_targets(model)
             reference = Reference(model, _base_copy(model) if full else None)

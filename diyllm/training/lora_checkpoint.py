@@ -8,8 +8,8 @@ and whose "lora" entry says how to rebuild the model:
      "base": "/abs/path/to/sft/best.pt", "base_sha256": "…"}
 
 base_sha256 hashes the base model's tensors (diyllm.model.lora.state_dict_sha256), so adapters are
-never silently applied to weights they were not trained on. `load_lora_model` rebuilds base + adapters
-(unmerged); `diyllm lora merge` folds them into a plain checkpoint every command reads.
+never silently applied to weights they were not trained on. `diyllm.loading.load_model` rebuilds
+base + adapters (unmerged); `diyllm lora merge` folds them into a plain checkpoint every command reads.
 """
 
 from __future__ import annotations
@@ -19,13 +19,7 @@ from typing import Any
 
 from torch import nn
 
-from diyllm.loading import load_base, load_lora_model  # noqa: F401  (re-exported; loading models is diyllm.loading)
-from diyllm.model.lora import (
-    lora_config,
-    lora_state_dict,
-    state_dict_sha256,
-    trained_full_targets,
-)
+from diyllm.model.lora import lora_config, lora_state_dict, state_dict_sha256, trained_full_targets
 
 
 def base_reference(spec: str, model: nn.Module) -> dict[str, str]:

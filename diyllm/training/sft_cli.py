@@ -112,7 +112,7 @@ def prepare_lora_sft(cfg: Any) -> dict[str, Any]:
     if source.added_tokens and "lm_head" not in targets:
         targets = f"{targets},lm_head,embed"
         print(f"LoRA: new tokens {source.added_tokens} were added, so lm_head and the embedding train in full too")
-    apply_lora(model, cfg.lora_rank, cfg.lora_alpha or None, cfg.lora_dropout, targets)
+    apply_lora(model, cfg.lora_rank, cfg.lora_alpha or None, cfg.lora_dropout, targets, seed=cfg.seed)
     setup = PolicySetup(base_ref, source.added_tokens, *trainable_fraction(model))
     print(setup.describe())
     if resume:
