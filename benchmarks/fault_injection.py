@@ -71,8 +71,7 @@ def _train(data: str, out: str, **kw) -> None:
 
 def _inspect(out: str, report: str) -> None:
     """Child: read every checkpoint of `out` (checksums verified); digest of latest.pt's weights."""
-    from diyllm.training.integrity import state_digest
-
+    from diyllm.integrity import state_digest
     from diyllm.training.checkpoint import read_checkpoint
 
     result = {"checkpoints": {}, "final": None}

@@ -246,8 +246,8 @@ class ShardedCheckpointer:
         if not self.exists("latest.pt"):
             hint = ""
             if (self.out_dir / "latest.pt").exists():
-                hint = (f" ({self.out_dir} holds latest.pt from a DDP run: resume it with parallelism=ddp, or start "
-                        "from its weights with init_from=PATH/latest.pt)")
+                hint = (" (it holds latest.pt from a DDP run: resume it with parallelism=ddp, or start from its "
+                        "weights with init_from=PATH/latest.pt)")
             raise UserError(f"init_from=resume but {self.path('latest.pt')} does not exist; nothing to resume{hint} "
                             "(use init_from=scratch to start a new run)")
         return self.load("latest.pt"), self.path("latest.pt")

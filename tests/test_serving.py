@@ -20,6 +20,8 @@ from pathlib import Path
 import pytest
 import torch
 
+from diyllm.integrity import seal
+
 pytest.importorskip("starlette", reason="the serve extra (starlette, uvicorn) is not installed")
 pytest.importorskip("uvicorn", reason="the serve extra (starlette, uvicorn) is not installed")
 openai = pytest.importorskip("openai", reason="the openai client (serve-test extra) is not installed")
@@ -66,6 +68,7 @@ def checkpoint(tmp_path_factory) -> Path:
                  "--progress=false", f"--out_dir={tmp / 'sft'}"]) == 0
     state = torch.load(tmp / "sft" / "latest.pt", weights_only=True)
     state["model_config"]["context_length"] = WIDE_CONTEXT
+    seal(state)  # an edited checkpoint gets a new checksum (diyllm.integrity), as save_checkpoint would give it
     torch.save(state, tmp / "chat.pt")
     return tmp / "chat.pt"
 

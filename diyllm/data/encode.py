@@ -119,7 +119,14 @@ def encode_in_order(
     import multiprocessing as mp
 
     ctx = mp.get_context("spawn")
-    with ctx.Pool(workers, initializer=_worker_init, initargs=(tokenizer_file, dtype)) as pool:
+    # Workers start with SIGINT ignored (a spawned Python keeps an inherited SIG_IGN): a Ctrl-C that arrives
+    # while one is still importing would otherwise print its traceback before _worker_init could ignore it.
+    previous = signal.signal(signal.SIGINT, signal.SIG_IGN)
+    try:
+        pool = ctx.Pool(workers, initializer=_worker_init, initargs=(tokenizer_file, dtype))
+    finally:
+        signal.signal(signal.SIGINT, previous)
+    with pool:
         pending: collections.deque = collections.deque()
         for job in jobs:
             meta = [(b"", ends, want, where, first) for _t, ends, want, where, first in job]  # text not kept

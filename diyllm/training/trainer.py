@@ -103,6 +103,7 @@ class Trainer(SetupStages):
             self._setup_stages()
         except BaseException:
             self.setup_failed = True  # close() then removes a run folder this run created
+            self.close()  # and releases what setup took (the run folder's lock) even when run() is not the caller
             raise
         return self
 
