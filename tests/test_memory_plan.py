@@ -31,7 +31,7 @@ def test_parameter_count_matches_the_model(kw):
 
 
 MEASURE = textwrap.dedent("""
-    import json, resource, sys, torch
+    import json, sys, torch
     from diyllm.model import DIYConfig, DIYForCausalLM
     from diyllm.training.fsdp import enable_activation_checkpointing
     from diyllm.training.optim import AdamW, clip_grad_norm_
@@ -40,8 +40,11 @@ MEASURE = textwrap.dedent("""
     config = DIYConfig(**kw)
     x = torch.randint(0, config.vocab_size, (batch, config.context_length))
     torch.ones(512, 512) @ torch.ones(512, 512)  # warm the allocator and the matmul workspaces
-    before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
-    for checkpointed in modes:  # one mode per process: ru_maxrss only ever grows
+    def peak_rss():  # this process's own peak (VmHWM): ru_maxrss would inherit a big parent's across exec
+        with open("/proc/self/status") as f:
+            return next(int(line.split()[1]) * 1024 for line in f if line.startswith("VmHWM:"))
+    before = peak_rss()
+    for checkpointed in modes:  # one mode per process: the peak only ever grows
         model = DIYForCausalLM(config)
         if checkpointed:
             enable_activation_checkpointing(model)
@@ -52,11 +55,15 @@ MEASURE = textwrap.dedent("""
             optimizer.step()
             optimizer.zero_grad(set_to_none=True)
         del model, optimizer
-        print((resource.getrusage(resource.RUSAGE_SELF).ru_maxrss - before) * 1024)
+        print(peak_rss() - before)
 """)
 
 
 @pytest.mark.skipif(not sys.platform.startswith("linux"), reason="ru_maxrss is in KiB on Linux only")
+@pytest.mark.xfail(strict=True, reason="known: measured with the process's own peak (VmHWM), the CPU peak is "
+                   "~1.3-1.5x the planner's estimate at this shape (e.g. 288 MiB measured vs 192 MiB estimated); "
+                   "the test passed before only because ru_maxrss inherits a large parent's peak across exec. "
+                   "The planner's cross-entropy backward temporaries need recounting (issue 15)")
 def test_estimate_within_30_percent_of_measured_peak_rss():
     shape = dict(vocab_size=4096, context_length=256, d_model=192, num_layers=4, num_heads=4, num_kv_heads=2)
     measured = {}
