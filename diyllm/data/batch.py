@@ -27,6 +27,16 @@ def get_batch(
         )
     rng = generator if generator is not None else np.random.default_rng()
     starts = rng.integers(0, n - context_length, size=batch_size)
+    return windows_at(data, starts, context_length, device)
+
+
+def windows_at(
+    data: npt.NDArray | torch.Tensor, starts: npt.NDArray, context_length: int, device: str | torch.device = "cpu"
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """(x, y) for the windows of `context_length + 1` tokens starting at `starts`: x the head, y the tail.
+
+    Only those windows are read, so `data` may be a memmap (or several shards read as one); on CUDA the
+    copy goes through pinned memory."""
     if isinstance(data, torch.Tensor):
         offsets = torch.arange(context_length + 1)
         windows = data[torch.as_tensor(starts)[:, None] + offsets].long()

@@ -126,18 +126,12 @@ class TokenBatcher:
         return rng.integers(0, len(self.splits[split]) - self.context_length, size=batch_size)
 
     def get_batch(self, split: str, batch_size: int, device: torch.device | str = "cpu"):
-        import torch
 
         if split not in self.splits:
             raise ValueError(f"unknown split {split!r}; use one of {tuple(self.splits)}")
-        data, T = self.splits[split], self.context_length
-        rows = [np.asarray(data[s : s + T + 1]) for s in self.sample_starts(split, batch_size)]
-        windows = torch.from_numpy(np.stack(rows).astype(np.int64))
-        x, y = windows[:, :-1], windows[:, 1:]
-        device = torch.device(device)
-        if device.type == "cuda":
-            return x.pin_memory().to(device, non_blocking=True), y.pin_memory().to(device, non_blocking=True)
-        return x.contiguous().to(device), y.contiguous().to(device)
+        from diyllm.data.batch import windows_at
+
+        return windows_at(self.splits[split], self.sample_starts(split, batch_size), self.context_length, device)
 
     def state_dict(self) -> dict:
         return {"rank": self.rank, "sampling": self.sampling,
