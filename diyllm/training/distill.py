@@ -69,13 +69,6 @@ def prepare_distill(cfg: Any, teacher_spec: str | None) -> dict[str, Any]:
 
 
 def run(args: argparse.Namespace) -> int:
-    from diyllm.training.config import load_config
-    from diyllm.training.distributed import finish_worker
-    from diyllm.training.finetune import train_post
+    from diyllm.training.finetune import run_post_command
 
-    cfg = load_config(args.config, args.overrides)
-    if args.print_config:
-        print(cfg.to_json())
-        return 0
-    train_post(prepare_distill(cfg, args.teacher))
-    return finish_worker(0)
+    return run_post_command(args, lambda cfg: prepare_distill(cfg, args.teacher))

@@ -196,6 +196,19 @@ def current_dist():
                     world_size=int(os.environ.get("WORLD_SIZE", 1)))
 
 
+def run_post_command(args: Any, prepare: Any) -> int:
+    """The body of `diyllm dpo / rl / distill`: the config from the command line, then prepare(cfg) -> train."""
+    from diyllm.training.config import load_config
+    from diyllm.training.distributed import finish_worker
+
+    cfg = load_config(args.config, args.overrides)
+    if args.print_config:
+        print(cfg.to_json())
+        return 0
+    train_post(prepare(cfg))
+    return finish_worker(0)
+
+
 def train_post(prep: dict[str, Any]):
     """Run the shared training loop on a prepared post-training run (prepare_dpo / prepare_rl / ...)."""
     from diyllm.training.trainer import train
