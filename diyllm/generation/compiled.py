@@ -27,7 +27,7 @@ from collections.abc import Iterator
 import torch
 from torch import nn
 
-from diyllm.generation.sampling import SamplingParams, apply_repetition_penalty, sample_next
+from diyllm.generation.sampling import SamplingParams, TokenPicker
 from diyllm.generation.steps import ContextFullWarning, DecodeStep
 from diyllm.model.kv_cache import StaticKVCache
 
@@ -154,9 +154,7 @@ def decode_compiled(model: nn.Module, prompts: list[list[int]], max_new_tokens: 
     Left-padded batches, the sliding window (re-prefill the last 3/4 when the cache is full) and
     `context="stop"` behave exactly as in the eager loop. compile=False runs the same static-cache loop
     eagerly (what the fallback does)."""
-    temperature, top_k, top_p, seed = params.temperature, params.top_k, params.top_p, params.seed
-    repetition_penalty, stop_ids, context = params.repetition_penalty, params.stop_ids, params.context
-    vocab_limit = params.vocab_limit
+    context = params.context
     dec = decoder_for(model, len(prompts), compile)
     device, ctx = dec.device, dec.max_len
     B, L = len(prompts), max(len(p) for p in prompts)
@@ -176,32 +174,16 @@ def decode_compiled(model: nn.Module, prompts: list[list[int]], max_new_tokens: 
     logits = dec.prefill(model, seq[:, start:n], real[:, start:n])
     column = n - start  # the cache column the next token goes to
 
-    generator = torch.Generator(device=device).manual_seed(seed) if seed is not None else None
-    seen = None
-    if repetition_penalty != 1.0:
-        seen = torch.zeros(B, model.config.vocab_size, dtype=torch.bool, device=device)
-        seen.scatter_(1, seq[:, :L], real[:, :L])
-    stop_t = torch.tensor(stop_ids, dtype=torch.long, device=device) if stop_ids else None
-    finished = torch.zeros(B, dtype=torch.bool, device=device)
-    no_text = None
-    if vocab_limit is not None and vocab_limit < model.config.vocab_size:
-        no_text = torch.arange(model.config.vocab_size, device=device) >= vocab_limit
+    picker = TokenPicker(params, seq[:, :L], real[:, :L], model.config.vocab_size)
 
     for step in range(max_new_tokens):
-        scores = apply_repetition_penalty(logits, seen, repetition_penalty) if seen is not None else logits
-        if no_text is not None:
-            scores = scores.masked_fill(no_text, float("-inf"))
-        tok = sample_next(scores, temperature, top_k, top_p, generator)
+        tok = picker.pick(logits)
         seq[:, n] = tok
         real[:, n] = True
         n += 1
-        if seen is not None:
-            seen.scatter_(1, tok[:, None], True)
-        yield DecodeStep(tok, logits, finished)
-        if stop_t is not None:
-            finished = finished | torch.isin(tok, stop_t)
-            if bool(finished.all()):
-                return
+        yield DecodeStep(tok, logits, picker.finished)
+        if picker.stopped(tok):
+            return
         if step == max_new_tokens - 1:
             return
         if context == "stop" and n > ctx:

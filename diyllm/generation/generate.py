@@ -31,7 +31,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from diyllm.generation.sampling import CONTEXT_MODES, SamplingParams, apply_repetition_penalty, sample_next
+from diyllm.generation.sampling import CONTEXT_MODES, SamplingParams, TokenPicker
 from diyllm.generation.steps import ContextFullWarning, DecodeStep  # noqa: F401  (re-exported here)
 from diyllm.model.kv_cache import KVCache
 from diyllm.model.layers import frozen_fused_weights
@@ -87,8 +87,7 @@ def iter_steps(
 @torch.inference_mode()
 def _decode(model: nn.Module, prompts: list[list[int]], max_new_tokens: int, params: SamplingParams
             ) -> Iterator[DecodeStep]:
-    context, stop_ids, repetition_penalty = params.context, params.stop_ids, params.repetition_penalty
-    vocab_limit = params.vocab_limit
+    context = params.context
     param = next(model.parameters())
     device, ctx = param.device, model.config.context_length
     B, L = len(prompts), max(len(p) for p in prompts)
@@ -129,32 +128,16 @@ def _decode(model: nn.Module, prompts: list[list[int]], max_new_tokens: int, par
     cache_start = max(0, n - ctx)
     logits, next_pos = full_forward(cache_start, n, cache)
 
-    generator = torch.Generator(device=device).manual_seed(params.seed) if params.seed is not None else None
-    seen = None
-    if repetition_penalty != 1.0:
-        seen = torch.zeros(B, model.config.vocab_size, dtype=torch.bool, device=device)
-        seen.scatter_(1, seq[:, :L], real[:, :L])
-    stop_t = torch.tensor(stop_ids, dtype=torch.long, device=device) if stop_ids else None
-    finished = torch.zeros(B, dtype=torch.bool, device=device)
-    no_text = None  # ids beyond the tokenizer's vocabulary
-    if vocab_limit is not None and vocab_limit < model.config.vocab_size:
-        no_text = torch.arange(model.config.vocab_size, device=device) >= vocab_limit
+    picker = TokenPicker(params, seq[:, :L], real[:, :L], model.config.vocab_size)
 
     for step in range(max_new_tokens):
-        scores = apply_repetition_penalty(logits, seen, repetition_penalty) if seen is not None else logits
-        if no_text is not None:
-            scores = scores.masked_fill(no_text, float("-inf"))
-        tok = sample_next(scores, params.temperature, params.top_k, params.top_p, generator)
+        tok = picker.pick(logits)
         seq[:, n] = tok
         real[:, n] = True
         n += 1
-        if seen is not None:
-            seen.scatter_(1, tok[:, None], True)
-        yield DecodeStep(tok, logits, finished)
-        if stop_t is not None:
-            finished = finished | torch.isin(tok, stop_t)
-            if bool(finished.all()):
-                return
+        yield DecodeStep(tok, logits, picker.finished)
+        if picker.stopped(tok):
+            return
         if step == max_new_tokens - 1:
             return
         # Feed the new token to get the logits of the next one.

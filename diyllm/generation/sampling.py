@@ -131,3 +131,44 @@ def sample_next(
         return logits.argmax(dim=-1)
     probs = torch.softmax(filter_logits(logits, temperature, top_k, top_p), dim=-1)
     return torch.multinomial(probs, 1, generator=generator).squeeze(-1)
+
+
+class TokenPicker:
+    """Choosing each next token of a batch, the same way in the eager and the compiled decoder: repetition
+    penalty over the ids each row has seen, ids past the tokenizer forbidden, then `sample_next` with a
+    seeded generator; `stopped(tok)` marks rows that hit a stop id and says when every row has.
+
+    `seq` / `real` are the (B, ·) left-padded prompt ids and their real-token mask (only read here);
+    `finished` is the (B,) mask of rows that had stopped before the last picked token."""
+
+    def __init__(self, params: SamplingParams, seq: torch.Tensor, real: torch.Tensor, vocab_size: int):
+        device, batch = seq.device, seq.shape[0]
+        self.params = params
+        self.generator = torch.Generator(device=device).manual_seed(params.seed) if params.seed is not None else None
+        self.seen = None
+        if params.repetition_penalty != 1.0:
+            self.seen = torch.zeros(batch, vocab_size, dtype=torch.bool, device=device)
+            self.seen.scatter_(1, seq, real)
+        self.stop_t = torch.tensor(params.stop_ids, dtype=torch.long, device=device) if params.stop_ids else None
+        self.finished = torch.zeros(batch, dtype=torch.bool, device=device)
+        self.no_text = None  # ids beyond the tokenizer's vocabulary
+        if params.vocab_limit is not None and params.vocab_limit < vocab_size:
+            self.no_text = torch.arange(vocab_size, device=device) >= params.vocab_limit
+
+    def pick(self, logits: torch.Tensor) -> torch.Tensor:
+        """The next token of every row, (B,), from the model's raw logits (B, V)."""
+        p = self.params
+        scores = apply_repetition_penalty(logits, self.seen, p.repetition_penalty) if self.seen is not None else logits
+        if self.no_text is not None:
+            scores = scores.masked_fill(self.no_text, float("-inf"))
+        tok = sample_next(scores, p.temperature, p.top_k, p.top_p, self.generator)
+        if self.seen is not None:
+            self.seen.scatter_(1, tok[:, None], True)
+        return tok
+
+    def stopped(self, tok: torch.Tensor) -> bool:
+        """Record rows whose token `tok` is a stop id; True once every row has stopped."""
+        if self.stop_t is None:
+            return False
+        self.finished = self.finished | torch.isin(tok, self.stop_t)  # a new tensor: yielded ones stay as they were
+        return bool(self.finished.all())
