@@ -15,6 +15,7 @@ import numpy as np
 import pytest
 
 from diyllm.data import prepare_dataset
+from diyllm.data.outdir import VERIFIED_NAME
 
 WORDS = ["the", "a", "fox", "dog", "runs", "jumps", "over", "under", "lazy", "quick", "brown", "river", "stone",
          "tree", "cloud", "sings"]
@@ -44,7 +45,7 @@ def _cmd(src, tok, out):
 
 
 def _files(out):
-    return {p.name: p.read_bytes() for p in sorted(out.iterdir()) if p.name != "meta.json"}
+    return {p.name: p.read_bytes() for p in sorted(out.iterdir()) if p.name not in ("meta.json", VERIFIED_NAME)}
 
 
 def _wait_for(predicate, proc, timeout=120.0):
@@ -83,7 +84,8 @@ def test_sigkill_then_rerun_gives_the_identical_dataset(corpus, tmp_path):
     assert _files(out) == clean
     assert "starting again" not in r.stderr, r.stderr
     assert all((out / n).stat().st_mtime_ns == t for n, t in kept.items()) and kept
-    assert [p.name for p in out.iterdir() if p.name.startswith(".")] == []  # no temp, partial or lock file
+    hidden = [p.name for p in out.iterdir() if p.name.startswith(".")]
+    assert hidden == [VERIFIED_NAME]  # the record of verified checksums; no temp, partial or lock file
     assert [p.name for p in tmp_path.iterdir()] and not list(tmp_path.glob(".*"))
 
 

@@ -22,7 +22,8 @@ import numpy as np
 
 from diyllm.atomic import atomic_write
 from diyllm.data import encode as encode_mod
-from diyllm.data.dataset import manifest_shards, verify_sizes
+from diyllm.data.checksums import checksum_problem, record_verified
+from diyllm.data.dataset import checksummed_shards, manifest_shards, verify_sizes
 from diyllm.data.documents import DocumentStream
 from diyllm.data.encode import encode_in_order, iter_jobs
 from diyllm.data.outdir import PROGRESS_NAME, remove_dataset_files
@@ -34,7 +35,8 @@ from diyllm.errors import UserError
 EOT = "<|endoftext|>"
 CHECKPOINT_SECONDS = 60.0
 SPLITS = ("train", "val")
-__all__ = ["Plan", "run", "verify_sizes", "describe_difference", "manifest_shards"]
+__all__ = ["Plan", "run", "verify_sizes", "checksum_problem", "checksummed_shards", "describe_difference",
+           "manifest_shards"]
 
 
 @dataclass
@@ -302,6 +304,7 @@ def run(out: Path, plan: Plan, progress: dict | None, workers: int, verbose: boo
     }
     with atomic_write(out / "meta.json", "w", encoding="utf-8") as f:
         json.dump(meta, f, indent=2)
+    record_verified(out, checksummed_shards(out, meta))  # hashed as written: the first training need not re-read
     (out / PROGRESS_NAME).unlink(missing_ok=True)
     for p in out.glob(".*.idx.partial"):
         p.unlink(missing_ok=True)

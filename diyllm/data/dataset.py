@@ -8,7 +8,9 @@ Keeping the files headerless means `np.memmap` reads them directly and any tool 
 `open_dataset` makes the checks `inspect-data` shows and the trainer needs, with the same messages: the
 manifest is a JSON object with a known dtype, every shard exists with the size the manifest says (a
 truncated or odd-sized file is named), a sample of ids is below vocab_size, and the splits are non-empty.
-Checksums are not recomputed on open (that would read the whole dataset); `inspect-data --verify` does it.
+With `verify_checksums` (what training asks for) every shard is also compared with its SHA-256 in the
+manifest, each unchanged shard hashed only once (diyllm.data.checksums); `inspect-data --verify` re-hashes
+them all.
 """
 
 from __future__ import annotations
@@ -58,6 +60,12 @@ def manifest_shards(meta: dict[str, Any]) -> dict[str, list[dict[str, Any]]]:
     if isinstance(meta.get("shards"), dict):
         return {s: list(meta["shards"].get(s) or []) for s in SPLITS}
     return {s: [{"file": f"{s}.bin", "tokens": meta.get(f"{s}_tokens")}] for s in SPLITS}
+
+
+def checksummed_shards(data_dir: str | os.PathLike, meta: dict[str, Any]) -> list[tuple[Path, str]]:
+    """(file, SHA-256) of every shard whose manifest entry has a checksum (none in an old single-file dataset)."""
+    return [(Path(data_dir) / str(s["file"]), str(s["sha256"]))
+            for shards in manifest_shards(meta).values() for s in shards if s.get("sha256")]
 
 
 def verify_sizes(data_dir: str | os.PathLike, meta: dict[str, Any]) -> list[str]:
@@ -111,13 +119,20 @@ def _memmap(path: Path, dtype: np.dtype) -> Any:
     return np.memmap(path, dtype=dtype, mode="r")
 
 
-def open_dataset(data_dir: str | os.PathLike, *, require_val: bool = False, min_tokens: int = 1) -> Dataset:
+def open_dataset(data_dir: str | os.PathLike, *, require_val: bool = False, min_tokens: int = 1,
+                 verify_checksums: bool = False, progress: bool = True) -> Dataset:
     """Open and validate a dataset folder (see the module docstring); UserError names what is wrong."""
     folder = Path(data_dir)
     meta = read_meta(folder)
     problems = verify_sizes(folder, meta)
     if problems:
         raise UserError(problems[0])
+    if verify_checksums:
+        from diyllm.data.checksums import checksum_problem
+
+        problem = checksum_problem(folder, checksummed_shards(folder, meta), progress=progress)
+        if problem:
+            raise UserError(problem)
     dtype = np.dtype(meta["dtype"]).newbyteorder("<")
     splits = {}
     for split, shards in manifest_shards(meta).items():

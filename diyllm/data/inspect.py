@@ -2,7 +2,7 @@
 
 The dataset is opened with the same validation as training (sizes vs manifest, dtype, ids < vocab), so
 a damaged folder fails here with the message the trainer would give; --verify also recomputes the SHA-256
-of every shard against the manifest.
+of every shard against the manifest, whatever the record of earlier verifications says (diyllm.data.checksums).
 
 y is x shifted left by one token: at every position the model sees x[..t] and must predict y[t]. The
 uniform-guess loss ln(V) is what an untrained model scores; a trained one should end far below it.
@@ -15,7 +15,7 @@ import math
 
 import numpy as np
 
-from diyllm.data.dataset import manifest_shards, open_dataset, tokenizer_path
+from diyllm.data.dataset import checksummed_shards, manifest_shards, open_dataset, tokenizer_path
 from diyllm.errors import UserError
 
 
@@ -34,12 +34,14 @@ def _show(tok: object, i: int) -> str:
 
 
 def run(args: argparse.Namespace) -> int:
-    from pathlib import Path
-
-    from diyllm.data.shard_writer import file_sha256
+    from diyllm.data.checksums import checksum_problem
     from diyllm.tokenizers import load_tokenizer
 
     dataset = open_dataset(args.data_dir)
+    if args.verify:  # every shard, not only the ones listed below
+        problem = checksum_problem(dataset.path, checksummed_shards(dataset.path, dataset.meta), trust_stamp=False)
+        if problem:
+            raise UserError(problem)
     meta = dataset.meta
     tok = load_tokenizer(tokenizer_path(args.data_dir))
     V = dataset.vocab_size
@@ -62,10 +64,6 @@ def run(args: argparse.Namespace) -> int:
             if e.get("documents") is not None:
                 line += f"  {e['documents']:>10,} documents"
             if args.verify and e.get("sha256"):
-                ok = file_sha256(Path(args.data_dir) / e["file"]) == e["sha256"]
-                if not ok:
-                    raise UserError(f"{Path(args.data_dir) / e['file']} does not match its SHA-256 in meta.json: "
-                                    "the file is damaged; re-run `diyllm prepare`")
                 line += "  sha256 ok"
             print(line)
         if len(entries) > 10:

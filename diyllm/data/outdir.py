@@ -20,9 +20,11 @@ from diyllm.errors import UserError
 
 PROGRESS_NAME = ".diyllm-prepare.json"
 LOCK_NAME = ".diyllm.lock"
+VERIFIED_NAME = ".diyllm-verified.json"  # shards found to match their checksums (diyllm.data.checksums)
 DATASET_PATTERNS = (
     "meta.json", "manifest.json", "tokenizer.json", "train.bin", "val.bin", "train_*.bin", "val_*.bin",
-    "train_*.idx", "val_*.idx", ".train_*.partial", ".val_*.partial", PROGRESS_NAME, LOCK_NAME, ".*.tmp",
+    "train_*.idx", "val_*.idx", ".train_*.partial", ".val_*.partial", PROGRESS_NAME, LOCK_NAME, VERIFIED_NAME,
+    ".*.tmp",
 )
 
 

@@ -175,6 +175,9 @@ def _decide(out: Path, state: str, plan: build.Plan, overwrite: bool, log: Any) 
         return "fresh", None
     if progress is None and meta is not None and meta.get("fingerprint") == fp:
         problems = build.verify_sizes(out, meta)
+        if not problems:  # the sizes match: a shard damaged in place is found by its checksum
+            problem = build.checksum_problem(out, build.checksummed_shards(out, meta))
+            problems = [problem] if problem else []
         if not problems:
             log(f"{out} is already prepared from these inputs with these options: nothing to do")
             return "done", meta

@@ -15,6 +15,7 @@ from __future__ import annotations
 import contextlib
 import hashlib
 import os
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -29,12 +30,12 @@ def shard_name(split: str, index: int) -> str:
     return f"{split}_{index:05d}.bin"
 
 
-def file_sha256(path: Path, limit: int | None = None) -> str:
-    """SHA-256 of a file (or of its first `limit` bytes), read in blocks."""
-    return _hash_file(path, limit).hexdigest()
+def file_sha256(path: Path, limit: int | None = None, progress: Callable[[int], Any] | None = None) -> str:
+    """SHA-256 of a file (or of its first `limit` bytes), read in blocks; `progress(n)` after each block."""
+    return _hash_file(path, limit, progress).hexdigest()
 
 
-def _hash_file(path: Path, limit: int | None = None) -> Any:
+def _hash_file(path: Path, limit: int | None = None, progress: Callable[[int], Any] | None = None) -> Any:
     h = hashlib.sha256()
     with open(path, "rb") as f:
         remaining = limit
@@ -43,6 +44,8 @@ def _hash_file(path: Path, limit: int | None = None) -> Any:
             if not block:
                 break
             h.update(block)
+            if progress is not None:
+                progress(len(block))
             if remaining is not None:
                 remaining -= len(block)
     return h

@@ -56,6 +56,7 @@ class TrainConfig(ModelFields):
     shuffle_buffer: int = 10000  # streaming: documents held in the shuffle buffer
     # --- issue 14: sharded datasets ---
     batch_sampling: str = "random"  # bin data: random windows | doc_aligned (each window starts a document)
+    verify_data: bool = True  # bin data: check every shard's SHA-256 against meta.json on open (hashed once per change)
     # --- issue 20: dynamic padding ---
     dynamic_padding: bool = False  # jsonl pad / sft: pad each batch to its longest row, not context_length
     # ---- optimisation ----

@@ -68,20 +68,22 @@ def split_seed(seed: int, rank: int, split: str) -> np.random.SeedSequence:
 class MemmapSource:
     """Windows from a prepared folder (sharded or single-file; see diyllm.data.dataset / shards).
 
-    The dataset is validated on open (sizes vs manifest, dtype, ids < vocab, non-empty splits) and its
-    shards memory-mapped, so only sampled windows are read; `TokenBatcher` draws random or
+    The dataset is validated on open (sizes vs manifest, dtype, ids < vocab, non-empty splits; with
+    `verify_data`, each shard's SHA-256, hashed once per change) and its shards memory-mapped, so only
+    sampled windows are read; `TokenBatcher` draws random or
     document-aligned windows with one numpy Generator per split, whose state is the whole data state.
     """
 
     def __init__(self, data_dir: str | os.PathLike, context_length: int, seed: int = 1337, rank: int = 0,
-                 batch_sampling: str = "random"):
+                 batch_sampling: str = "random", verify_data: bool = True, progress: bool = True):
         from diyllm.data.dataset import open_dataset
         from diyllm.data.shards import TokenBatcher
 
         self.data_dir = Path(data_dir)
         self.context_length = int(context_length)
         self.seed = int(seed)
-        dataset = open_dataset(self.data_dir, require_val=True, min_tokens=self.context_length + 1)
+        dataset = open_dataset(self.data_dir, require_val=True, min_tokens=self.context_length + 1,
+                               verify_checksums=verify_data, progress=progress and rank == 0)
         self.meta, self.vocab_size = dataset.meta, dataset.vocab_size
         self.splits = {s: dataset.split(s) for s in SPLITS}
         self.batcher = TokenBatcher(dataset.splits, self.context_length, self.seed, rank, batch_sampling)
@@ -175,7 +177,8 @@ def make_source(cfg: TrainConfig, rank: int = 0, world_size: int = 1) -> BatchSo
     fmt = resolve_data_format(cfg)
     if fmt == "bin":
         return MemmapSource(cfg.data_dir, cfg.context_length, seed=cfg.seed, rank=rank,
-                            batch_sampling=getattr(cfg, "batch_sampling", "random"))
+                            batch_sampling=getattr(cfg, "batch_sampling", "random"),
+                            verify_data=getattr(cfg, "verify_data", True), progress=getattr(cfg, "progress", True))
     # Other sources are owned by the data engineers and imported only when used.
     if fmt == "jsonl":
         from diyllm.data.jsonl import JsonlPretrainSource
