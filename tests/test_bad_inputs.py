@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -47,9 +48,53 @@ def world(tmp_path_factory) -> dict[str, Path]:
     conv = json.dumps({"conversations": [{"role": "user", "content": "hi"}, {"role": "assistant", "content": "yo"}]})
     (root / "conv.jsonl").write_text((conv + "\n") * 20)
     (root / "conv_non_utf8.jsonl").write_bytes(((conv + "\n") * 20).encode() + b'{"conversations": "\xff\xfe"}\n')
+    (root / "euro.txt").write_text("line 1: the fox.\nline 2: costs 5 \u20ac.\n")
     return {"root": root, "data": root / "data", "run": root / "run", "bpe": root / "bpe.pt",
             "non_utf8": root / "non_utf8.jsonl", "number": root / "number.jsonl",
-            "conv_non_utf8": root / "conv_non_utf8.jsonl", "conv": root / "conv.jsonl"}
+            "conv_non_utf8": root / "conv_non_utf8.jsonl", "conv": root / "conv.jsonl", "euro": root / "euro.txt",
+            **damaged_datasets(root, root / "data")}
+
+
+def damaged_datasets(root: Path, data: Path) -> dict[str, Path]:
+    """Copies of the prepared dataset, each damaged one way (what `open_dataset` must catch for the trainer)."""
+    from diyllm.data.checksums import record_verified
+    from diyllm.data.dataset import checksummed_shards
+
+    meta = json.loads((data / "meta.json").read_text())
+    shard = data / meta["shards"]["train"][0]["file"]
+    assert shard.name == "train_00000.bin" and meta["dtype"] == "uint16"
+
+    def meta_with(**changes):
+        return lambda d: (d / "meta.json").write_text(json.dumps({**meta, **changes}))
+
+    def flip(d):  # one token id changed, the size kept: only the checksum sees it
+        with open(d / shard.name, "r+b") as f:
+            f.seek(10)
+            low = f.read(1)[0]
+            f.seek(10)
+            f.write(bytes([low ^ 1]))
+
+    damages = {
+        "dtype_float32": meta_with(dtype="float32"),
+        "dtype_int64": meta_with(dtype="int64"),
+        "meta_list": lambda d: (d / "meta.json").write_text("[1, 2]"),
+        "meta_vocab": meta_with(vocab_size=5),
+        "truncated": lambda d: os.truncate(d / shard.name, shard.stat().st_size // 4 * 2),
+        "odd_size": lambda d: os.truncate(d / shard.name, shard.stat().st_size - 1),
+        "val_empty": meta_with(val_tokens=0, shards={"train": meta["shards"]["train"], "val": []}),
+        "flipped": flip,
+    }
+    out = {}
+    for name, damage in damages.items():
+        d = out[f"data_{name}"] = root / f"data_{name}"
+        shutil.copytree(data, d)
+        record_verified(d, checksummed_shards(d, meta))  # as verified by an earlier run of this copy
+        damage(d)
+    return out
+
+
+def _train_on(key: str):
+    return lambda w, o: ["train", f"--data_dir={w[key]}", f"--out_dir={o}", *TINY]
 
 
 def snapshot(folder: Path) -> dict[str, tuple[int, int]]:
@@ -110,6 +155,28 @@ CASES = [
                                              "--init_from=resume", *TINY[:-6], "--max_iters=1", "--progress=false",
                                              "--device=cpu", "--warmup_iters=0", "--eval_interval=0"],
      ["iteration 2, beyond max_iters=1"]),
+    # a dataset damaged after prepare: caught when training opens it, before any run file is written
+    ("meta-wrong-dtype", _train_on("data_dtype_float32"), ["data_dtype_float32/meta.json", "dtype 'float32'"]),
+    ("meta-dtype-int64", _train_on("data_dtype_int64"), ["data_dtype_int64/train_00000.bin", "int64"]),
+    ("meta-json-list", _train_on("data_meta_list"), ["data_meta_list/meta.json", "JSON list"]),
+    ("meta-vocab-below-data", _train_on("data_meta_vocab"), ["data_meta_vocab/train_00000.bin",
+                                                             "outside the vocabulary of 5"]),
+    ("shard-truncated", _train_on("data_truncated"), ["data_truncated/train_00000.bin", "but meta.json says"]),
+    ("shard-odd-byte-count", _train_on("data_odd_size"), ["data_odd_size/train_00000.bin", "not a multiple of 2"]),
+    ("val-split-empty", _train_on("data_val_empty"), ["the val split of", "data_val_empty is empty"]),
+    ("shard-damaged-same-size", _train_on("data_flipped"), ["data_flipped/train_00000.bin",
+                                                            "does not match its SHA-256", "diyllm prepare"]),
+    ("prepare-char-outside-given-tokenizer", lambda w, o: ["prepare", str(w["euro"]), "--out", str(o), "--tokenizer",
+                                                           str(w["data"] / "tokenizer.json"), "--quiet"],
+     ["euro.txt", "'€'", "not in the vocabulary", "omit --tokenizer"]),
+    # prepare never writes over what is there (the snapshot below also shows nothing renamed aside)
+    ("prepare-out-is-a-file", lambda w, o: ["prepare", str(w["root"] / "corpus.txt"), "--out", str(w["euro"]),
+                                            "--tokenizer_kind=char", "--quiet"], ["euro.txt is a file"]),
+    ("prepare-out-inside-the-input", lambda w, o: ["prepare", str(w["root"]), "--out", str(w["root"] / "ds"),
+                                                   "--tokenizer_kind=char", "--quiet"], ["inside the input folder"]),
+    ("prepare-out-holds-the-input", lambda w, o: ["prepare", str(w["root"] / "corpus.txt"), "--out", str(w["root"]),
+                                                  "--tokenizer_kind=char", "--overwrite", "--quiet"],
+     ["contains the input file", "corpus.txt"]),
     ("fresh-run-in-a-run-folder", lambda w, o: ["train", f"--data_dir={w['data']}", f"--out_dir={w['run']}", *TINY],
      ["already holds a previous run", "--init_from=resume", "--out_dir", "--overwrite"]),
 ]
@@ -186,7 +253,7 @@ def test_subprocess_errors(world, tmp_path):
     assert sorted(os.listdir(tmp_path)) == []
 
 
-@pytest.mark.parametrize("command", ["train", "sft", "export", "lr-find", "plot", "diagnose"])
+@pytest.mark.parametrize("command", ["train", "prepare", "sft", "export", "lr-find", "plot", "diagnose"])
 def test_read_only_destination_is_one_clear_error(command, world, tmp_path, capsys):
     ro = _read_only_parent()
     if ro is None:
@@ -194,6 +261,8 @@ def test_read_only_destination_is_one_clear_error(command, world, tmp_path, caps
     dest = ro / "diyllm_run"
     argv = {
         "train": ["train", f"--data_dir={world['data']}", f"--out_dir={dest}", *TINY],
+        "prepare": ["prepare", str(world["root"] / "corpus.txt"), "--out", str(dest), "--tokenizer_kind=char",
+                    "--quiet"],
         "sft": ["sft", f"--data_dir={world['conv']}", f"--init_from={world['bpe']}", f"--out_dir={dest}",
                 *SFT_TINY],
         "export": ["export", f"--ckpt={world['run']}", f"--out={dest}"],
@@ -213,3 +282,24 @@ def test_lr_find_honours_init_from_a_run_folder(world, tmp_path, capsys):
                  "--num_iters=3", f"--out={tmp_path / 'lr.png'}", *TINY[:6], "--progress=false"]) == 0
     assert f"starting from the weights of {world['run']}" in capsys.readouterr().out
     assert (tmp_path / "lr.png").exists()
+
+
+@pytest.mark.skipif(not hasattr(os, "fork"), reason="flock holders are POSIX")
+def test_prepare_into_a_folder_another_prepare_holds_is_refused(world, tmp_path, capsys):
+    """Two prepares on one --out: the second is refused with the first's PID, and writes nothing."""
+    holder = ("import sys\nfrom diyllm.locks import hold_folder_lock\n"
+              "with hold_folder_lock(sys.argv[1], purpose='diyllm prepare'):\n"
+              "    print('held', flush=True)\n    sys.stdin.readline()\n")
+    out = tmp_path / "ds"
+    proc = subprocess.Popen([sys.executable, "-c", holder, str(out)], stdin=subprocess.PIPE, stdout=subprocess.PIPE,
+                            text=True, env={**os.environ, "PYTHONPATH": str(REPO)})
+    try:
+        assert proc.stdout.readline().strip() == "held"
+        before = snapshot(out)
+        capsys.readouterr()
+        rc = main(["prepare", str(world["root"] / "corpus.txt"), "--out", str(out), "--tokenizer_kind=char", "--quiet"])
+        assert_one_error(rc, capsys.readouterr().err, str(out), f"PID {proc.pid}", "diyllm prepare")
+        assert snapshot(out) == before
+    finally:
+        proc.stdin.close()
+        proc.wait(timeout=30)

@@ -68,7 +68,7 @@ def checksum_problem(folder: Path, shards: Shards, *, trust_stamp: bool = True, 
     """The error message for the first shard whose contents do not match its checksum, or None if all match.
 
     Shards recorded as verified with their current stat are skipped unless `trust_stamp` is False; the
-    record is updated with every shard hashed good.
+    record is rewritten only when a shard was newly found good (a refused dataset is left as it was).
     """
     if not shards:
         return None
@@ -87,7 +87,7 @@ def checksum_problem(folder: Path, shards: Shards, *, trust_stamp: bool = True, 
 
     total = sum(int(rec["size"]) for _, rec in todo)
     long = total >= PROGRESS_BYTES
-    problem = None
+    problem, newly_good = None, 0
     with tqdm(total=total, unit="B", unit_scale=True, desc=f"verifying {len(todo)} shard checksum(s)",
               disable=not (progress and long), file=sys.stderr, mininterval=0.5) as bar:
         for path, rec in todo:
@@ -103,6 +103,9 @@ def checksum_problem(folder: Path, shards: Shards, *, trust_stamp: bool = True, 
                            "--overwrite)")
                 break
             records[path.name] = rec
+            newly_good += stamp.get(path.name) != rec
+    if not newly_good:
+        return problem
     failed = write_stamp(folder, records)
     if failed is not None and long and progress:
         print(f"note: cannot record the verified checksums in {folder / STAMP_NAME} ({failed.strerror or failed}); "
