@@ -12,6 +12,7 @@ from __future__ import annotations
 import argparse
 import errno
 import importlib
+import os
 import sys
 
 from diyllm.errors import UserError
@@ -90,6 +91,9 @@ def main(argv: list[str] | None = None) -> int:
     except KeyboardInterrupt:
         print("interrupted", file=sys.stderr)
         return 130
+    except BrokenPipeError:  # `diyllm ... | head`: the reader has gone; stop quietly, as Unix tools do
+        _silence_stdout()
+        return 141
     except UserError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
@@ -99,6 +103,15 @@ def main(argv: list[str] | None = None) -> int:
         print(f"error: {describe_os_error(exc)}", file=sys.stderr)
         return 2
     return int(rc or 0)
+
+
+def _silence_stdout() -> None:
+    """Point stdout at /dev/null so that the interpreter's final flush does not fail on the closed pipe."""
+    try:
+        devnull = os.open(os.devnull, os.O_WRONLY)
+        os.dup2(devnull, sys.stdout.fileno())
+    except (OSError, ValueError, AttributeError):  # stdout is not a file (e.g. captured in a test)
+        pass
 
 
 # errno values that mean "this machine's disk/permissions", not a bug: shown as one error line

@@ -303,3 +303,15 @@ def test_prepare_into_a_folder_another_prepare_holds_is_refused(world, tmp_path,
     finally:
         proc.stdin.close()
         proc.wait(timeout=30)
+
+
+def test_output_piped_into_a_reader_that_leaves_ends_quietly(world, tmp_path):
+    """`diyllm inspect-data ... | head -1`: the closed pipe ends the command with 141, without a traceback."""
+    env = {**os.environ, "PYTHONPATH": str(REPO)}
+    proc = subprocess.Popen([sys.executable, "-m", "diyllm", "inspect-data", str(world["data"]), "--context=5000"],
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env, cwd=tmp_path)
+    assert proc.stdout.readline().startswith("dataset")
+    proc.stdout.close()  # 5000 window lines do not fit in the pipe's buffer: the next writes fail
+    err = proc.stderr.read()
+    assert proc.wait(timeout=120) == 141, err
+    assert "Traceback" not in err and "BrokenPipeError" not in err, err
