@@ -90,6 +90,12 @@ def test_prepare_records_its_shards_and_an_unchanged_dataset_is_not_hashed_again
     open_dataset(data, verify_checksums=True)
     assert hashes == []  # ... and not again while unchanged
     assert sorted(json.loads((data / STAMP).read_text())["shards"]) == shards
+    stale = data / f".{STAMP}.k1ll3d.tmp"  # what a process killed while writing the record leaves
+    stale.write_text("{")
+    os.utime(stale, (time.time() - 3600, time.time() - 3600))
+    (data / STAMP).unlink()
+    open_dataset(data, verify_checksums=True)
+    assert not stale.exists() and (data / STAMP).exists()
 
 
 def test_a_changed_shard_is_hashed_again_and_refused(data, hashes):

@@ -21,8 +21,10 @@ without checksums (train.bin / val.bin from before shards) has nothing to verify
 
 from __future__ import annotations
 
+import contextlib
 import json
 import sys
+import time
 from pathlib import Path
 
 from diyllm.atomic import atomic_write
@@ -32,6 +34,7 @@ from diyllm.data.shard_writer import file_sha256
 STAMP_NAME = VERIFIED_NAME
 STAMP_VERSION = 1
 PROGRESS_BYTES = 256 << 20  # a progress bar (and the read-only note) when at least this much is hashed
+STALE_TEMP_SECONDS = 60.0
 
 Shards = list[tuple[Path, str]]  # (shard file, its SHA-256 in meta.json)
 
@@ -51,6 +54,11 @@ def read_stamp(folder: Path) -> dict[str, dict]:
 
 def write_stamp(folder: Path, records: dict[str, dict]) -> OSError | None:
     """Replace the record file atomically; the OSError if it cannot be written (e.g. a read-only folder)."""
+    now = time.time()
+    for stale in folder.glob(f".{STAMP_NAME}.*.tmp"):  # left by a process killed mid-write (a write takes ms)
+        with contextlib.suppress(OSError):
+            if now - stale.stat().st_mtime > STALE_TEMP_SECONDS:
+                stale.unlink()
     try:
         with atomic_write(folder / STAMP_NAME, "w", encoding="utf-8") as f:
             json.dump({"version": STAMP_VERSION, "algorithm": "sha256", "shards": records}, f, indent=1)
