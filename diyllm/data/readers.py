@@ -119,6 +119,7 @@ def iter_jsonl_values(
     file:line and ending with `fix_hint`, or (skip_bad_lines) is skipped and counted in `stats`; invalid
     UTF-8 is replaced and counted (on_bad_utf8="replace") or an error ending with `utf8_hint`.
     """
+    Utf8Decoder(path, on_bad_utf8, stats)  # checks on_bad_utf8 once (valid lines never need a decoder)
     bad_stream = _decompress_errors()
     with open_binary(path) as f:
         offset = 0
@@ -128,9 +129,11 @@ def iter_jsonl_values(
                 lineno += 1
                 stats.bytes_read += len(raw)
                 progress(len(raw))
-                dec = Utf8Decoder(path, on_bad_utf8, stats, offset, utf8_hint)
+                try:  # fast path: almost every line is valid UTF-8 (then both modes decode it the same)
+                    line = raw.decode("utf-8")
+                except UnicodeDecodeError:  # replace-and-count, or the error naming line and byte offset
+                    line = Utf8Decoder(path, on_bad_utf8, stats, offset, utf8_hint).decode(raw, final=True, line=lineno)
                 offset += len(raw)
-                line = dec.decode(raw, final=True, line=lineno)
                 if not line.strip():
                     continue
                 try:

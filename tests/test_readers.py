@@ -1,4 +1,5 @@
-"""Parquet is read in bounded record batches whatever its row-group layout (diyllm.data.readers)."""
+"""Corpus readers (diyllm.data.readers): Parquet in bounded record batches whatever its row-group layout;
+JSONL lines decoded on a fast path that leaves the output unchanged."""
 
 from __future__ import annotations
 
@@ -78,3 +79,40 @@ def test_batch_rows_shrink_for_long_documents(tmp_path, monkeypatch):
     assert parquet_batch_rows(md, "text") == readers.PARQUET_ROWS_PER_BATCH
     monkeypatch.setattr(readers, "PARQUET_BATCH_BYTES", 1)
     assert parquet_batch_rows(md, "text") == 1
+
+
+def test_jsonl_fast_utf8_path_keeps_replacement_counts_errors_and_shards(tmp_path):
+    import json
+
+    from diyllm.data.prepare import prepare_dataset
+    from diyllm.data.readers import iter_jsonl_records
+    from diyllm.errors import UserError
+
+    docs = [f"document {i}: " + "word " * (i % 7 + 3) + ("día ☃ " if i % 5 == 0 else "") for i in range(120)]
+    lines = [json.dumps({"text": d}, ensure_ascii=False).encode() for d in docs]
+    for i in (7, 40, 41):  # invalid bytes inside the JSON string: \xff, a truncated 3-byte sequence
+        lines[i] = lines[i][:-2] + (b"\xff" if i != 41 else b"\xe2\x98") + lines[i][-2:]
+    raw = b"\n".join(lines[:60]) + b"\n\n" + b"\n".join(lines[60:]) + b"\n"  # a blank line too
+    (tmp_path / "bad.jsonl").write_bytes(raw)
+    clean = [json.loads(line.decode("utf-8", "replace"))["text"] for line in lines]
+    assert sum(t.count("\ufffd") for t in clean) == 3
+
+    stats = ReadStats()
+    got = list(iter_jsonl_records(tmp_path / "bad.jsonl", "text", "replace", False, stats))
+    assert [t for _, t in got] == clean and stats.bad_utf8 == 3
+    assert [w.rsplit(":", 1)[1] for w, _ in got] == [str(n) for n in [*range(1, 61), *range(62, 122)]]
+    offset = raw.index(b"\xff")
+    with pytest.raises(UserError, match=rf"bad\.jsonl:8: invalid UTF-8 at byte offset {offset} "):
+        list(iter_jsonl_records(tmp_path / "bad.jsonl", "text", "error", False, ReadStats()))
+    with pytest.raises(UserError, match="on_bad_utf8 must be"):
+        list(iter_jsonl_records(tmp_path / "bad.jsonl", "text", "ignore", False, ReadStats()))
+
+    # prepare: the same shards as from a file holding the already-replaced text
+    (tmp_path / "clean.jsonl").write_text("".join(json.dumps({"text": t}) + "\n" for t in clean), encoding="utf-8")
+    kw = dict(verbose=False, shard_tokens=400)
+    meta = prepare_dataset(tmp_path / "bad.jsonl", tmp_path / "a", vocab_size=300, **kw)
+    ref = prepare_dataset(tmp_path / "clean.jsonl", tmp_path / "b", tokenizer=tmp_path / "a" / "tokenizer.json", **kw)
+    assert meta["bad_utf8_replaced"] == 3 and ref["bad_utf8_replaced"] == 0
+    assert meta["shards"] == ref["shards"] and len(meta["shards"]["train"]) > 1
+    for shard in meta["shards"]["train"] + meta["shards"]["val"]:
+        assert (tmp_path / "a" / shard["file"]).read_bytes() == (tmp_path / "b" / shard["file"]).read_bytes()
