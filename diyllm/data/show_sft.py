@@ -2,6 +2,7 @@
 
   diyllm show-sft-sample data/synthetic_chat/train.jsonl --index 3 --ckpt runs/pretrain/best.pt
   diyllm show-sft-sample chats.jsonl --tokenizer data/pystdlib/tokenizer.json --context_length 256
+  diyllm show-sft-sample chats.parquet --conversations_field messages      # also .jsonl.zst/.gz, hf:...
 
 Trained tokens (loss mask 1: assistant replies and their <|im_end|>) are shown in green when the output
 is a terminal, and between [[ and ]] otherwise (or with --plain). Tokens beyond --context_length, which
