@@ -193,7 +193,8 @@ def iter_parquet_values(
     Memory does not depend on the file's row-group layout: `pre_buffer=False` with a 1 MiB read buffer
     makes pyarrow read a column chunk page by page (pre-buffering, pyarrow's default, loads a whole row
     group's column chunk first: a file written as one row group would be read whole), and each batch
-    holds at most `parquet_batch_rows` rows. `text`: the column must hold strings (else any type: the
+    holds at most `parquet_batch_rows` rows; what remains is the largest page, which pyarrow decodes whole
+    (writers aim at ~1 MB). `text`: the column must hold strings (else any type: the
     caller checks the values, e.g. a list of messages). `option` names the setting that picks the column.
     """
     pq = _optional("pyarrow.parquet", f"reading {path}")
