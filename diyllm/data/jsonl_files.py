@@ -19,13 +19,14 @@ VAL_PERCENT = 5
 IGNORE_INDEX = -100
 
 
-def resolve_jsonl_paths(spec: str | os.PathLike | list) -> list[str]:
-    """A file, a folder (its *.jsonl files, recursively) or a glob -> sorted list of JSONL files."""
+def resolve_jsonl_paths(spec: str | os.PathLike | list, endings: tuple[str, ...] = (".jsonl",)) -> list[str]:
+    """A file, a folder (its files ending in `endings`, recursively) or a glob -> sorted list of files."""
     if isinstance(spec, (list, tuple)):
-        return sorted({p for s in spec for p in resolve_jsonl_paths(s)})
+        return sorted({p for s in spec for p in resolve_jsonl_paths(s, endings)})
     spec = os.fspath(spec)
     if os.path.isdir(spec):
-        paths = sorted(glob.glob(os.path.join(spec, "**", "*.jsonl"), recursive=True))
+        paths = sorted(p for p in glob.glob(os.path.join(spec, "**", "*"), recursive=True)
+                       if p.lower().endswith(endings) and os.path.isfile(p))
     elif any(c in spec for c in "*?["):
         paths = sorted(p for p in glob.glob(spec, recursive=True) if os.path.isfile(p))
     elif os.path.isfile(spec):
@@ -33,7 +34,7 @@ def resolve_jsonl_paths(spec: str | os.PathLike | list) -> list[str]:
     else:
         raise UserError(f"JSONL data {spec!r} does not exist (give a .jsonl file, a folder of them or a glob)")
     if not paths:
-        raise UserError(f"no .jsonl files found for {spec!r}")
+        raise UserError(f"no {' / '.join(endings)} files found for {spec!r}")
     return paths
 
 
@@ -78,9 +79,22 @@ def parse_line(line: str, path: str, lineno: int, key: str | None = None) -> Any
     return obj[key]
 
 
+SAME_SPLIT_ENDINGS = (".jsonl.gz", ".jsonl.zst", ".json.gz", ".json.zst", ".parquet")
+
+
+def split_name(path: str | os.PathLike) -> str:
+    """The file name the split hash uses: NAME.jsonl also for NAME.jsonl.gz/.zst and NAME.parquet, so that
+    compressing a JSONL file or converting it to Parquet (one row per line) keeps every record's split."""
+    name = os.path.basename(os.fspath(path))
+    for ending in SAME_SPLIT_ENDINGS:
+        if name.lower().endswith(ending):
+            return name[: -len(ending)] + ".jsonl"
+    return name
+
+
 def is_val_document(path: str, lineno: int, val_percent: int = VAL_PERCENT) -> bool:
-    """The held-out split: a stable hash of (file name, line) decides, whatever the reading order."""
-    return zlib.crc32(f"{os.path.basename(path)}:{lineno}".encode()) % 100 < val_percent
+    """The held-out split: a stable hash of (file name, line or row) decides, whatever the reading order."""
+    return zlib.crc32(f"{split_name(path)}:{lineno}".encode()) % 100 < val_percent
 
 
 def read_split_texts(spec, split: str, val_spec: str = "", key: str = "text") -> list[str]:

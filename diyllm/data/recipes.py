@@ -7,7 +7,8 @@
   tinystories       roneneldan/TinyStories from the Hugging Face Hub (Parquet, ~1 GB), BPE 8192
   fineweb_edu       HuggingFaceFW/fineweb-edu sample-10BT (14 Parquet files, ~28 GB; --max_shards N), GPT-2's
                     tokenizer when its files are in the Hugging Face cache, else BPE 32768
-  minimind          jingyaogong/minimind_dataset pretrain_hq.jsonl (~1.6 GB), BPE 6400
+  minimind          jingyaogong/minimind_dataset pretrain_hq.jsonl (~1.6 GB), BPE 6400; its SFT conversations
+                    (sft_mini_512.jsonl) are read by `diyllm sft sft_minimind` straight from the Hub cache
 
 The Hub recipes download through huggingface_hub into its cache (see diyllm.data.hub); offline, pass
 --input PATH (a file, folder or glob of local copies) or set HF_HUB_OFFLINE=1 with a filled cache.

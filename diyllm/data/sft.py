@@ -1,6 +1,10 @@
-"""Supervised fine-tuning data: conversations JSONL -> (x, y, loss_mask) rows with assistant-only loss.
+"""Supervised fine-tuning data: conversations -> (x, y, loss_mask) rows with assistant-only loss.
 
-Each line: {"conversations": [{"role": "system"|"user"|"assistant", "content": "..."}, ...]}. A conversation
+Each record: {"conversations": [{"role": "system"|"user"|"assistant", "content": "..."}, ...]}, one per line
+of a JSONL file (plain, .gz or .zst) or one per row of a Parquet file's conversations column (a list of
+{role, content} structs, or JSON text); the column/key name is configurable (conversations_field). Files are
+read through diyllm.data.readers, the same streaming readers as `diyllm prepare`; `hf:OWNER/DATASET/GLOB`
+names files of a Hugging Face Hub dataset (fetched into its cache by diyllm.data.hub). A conversation
 is encoded with the chat template (diyllm.data.chat_template.encode_chat), truncated to
 context_length + 1 tokens and right-padded. Row layout: x = ids[:-1], y = ids[1:], loss_mask = mask[1:]
 (the mask belongs to the token being predicted), y = -100 and mask = 0 on padding.
@@ -13,34 +17,86 @@ micro-batch can have an all-zero mask (and cross_entropy returns 0, not NaN, eve
 
 from __future__ import annotations
 
+import json
 import os
+from collections.abc import Iterator
+from pathlib import Path
 from typing import Any
 
 import numpy as np
 import torch
 
 from diyllm.data.chat_template import add_chat_tokens, encode_chat, validate_conversation
+from diyllm.data.hub import is_hub_source, resolve_hub_sources
 from diyllm.data.jsonl import (
     IGNORE_INDEX,
     EpochRows,
     is_val_document,
-    iter_jsonl,
     resolve_jsonl_paths,
     resolve_tokenizer,
     to_device,
     trim_padding,
 )
+from diyllm.data.readers import file_kind, iter_jsonl_values, iter_parquet_values
+from diyllm.data.sources import ReadStats
 from diyllm.errors import UserError
 
+SFT_ENDINGS = (".jsonl", ".jsonl.gz", ".jsonl.zst", ".json.gz", ".json.zst", ".parquet")  # picked up in folders
+CONVERSATIONS_FIELD = "conversations"
 
-def read_conversations(spec, split: str | None = None) -> list[list[dict]]:
-    """Validated conversations of a file/folder/glob; split "train"/"val" applies the hash hold-out."""
+
+def conversation_files(spec: str | os.PathLike | list) -> list[str]:
+    """The files of an SFT data spec: a file, a folder (its JSONL/Parquet files), a glob, or an hf: source."""
+    specs = spec if isinstance(spec, (list, tuple)) else [spec]
+    local = [os.fspath(s) for s in specs if not is_hub_source(os.fspath(s))]
+    remote = [os.fspath(s) for s in specs if is_hub_source(os.fspath(s))]
+    return sorted(set(resolve_jsonl_paths(local, SFT_ENDINGS) if local else []) | set(resolve_hub_sources(remote)))
+
+
+def _as_messages(value: Any, where: str) -> Any:
+    if isinstance(value, str):  # some datasets store the messages as JSON text
+        try:
+            return json.loads(value)
+        except ValueError as exc:
+            raise UserError(f"{where}: the conversation is text that is not JSON ({exc})") from None
+    return value
+
+
+def iter_conversations(path: str, field: str = CONVERSATIONS_FIELD) -> Iterator[tuple[int, str, list[dict]]]:
+    """(line or row number, where, validated messages) of every record of one JSONL or Parquet file."""
+    stats = ReadStats()
+    if file_kind(Path(path)) == "parquet":
+        values = iter_parquet_values(Path(path), field, stats, text=False, option="--conversations_field")
+        rows = True
+    else:  # JSONL, plain or .gz/.zst (an explicitly named file is read as JSONL whatever its name)
+        fix = f'each line must be an object with a "{field}" list of messages (another key: --conversations_field)'
+        values = iter_jsonl_values(Path(path), field, stats, check=None, fix_hint=fix,
+                                   utf8_hint="the file is not UTF-8: re-encode it (e.g. `iconv -f latin1 -t utf-8`)")
+        rows = False
+    for number, value in values:
+        at = f"{path}:row {number}" if rows else f"{path}:{number}"
+        yield number, at, validate_conversation(_as_messages(value, at), at)
+
+
+def read_conversations(spec, split: str | None = None, field: str = CONVERSATIONS_FIELD) -> list[list[dict]]:
+    """Validated conversations of a file/folder/glob/hf: spec; split "train"/"val" applies the hash hold-out."""
     out = []
-    for path in resolve_jsonl_paths(spec):
-        for lineno, conv in iter_jsonl(path, "conversations"):
-            if split is not None and is_val_document(path, lineno) != (split == "val"):
-                continue
-            out.append(validate_conversation(conv, f"{path}:{lineno}"))
+    for path in conversation_files(spec):
+        for number, _, conv in iter_conversations(path, field):
+            if split is None or is_val_document(path, number) == (split == "val"):
+                out.append(conv)
+    return out
+
+
+def read_split_conversations(spec, val_spec: str = "", field: str = CONVERSATIONS_FIELD) -> dict[str, list]:
+    """{"train": [...], "val": [...]}: all of `spec` and all of `val_spec` when given, else the hash
+    hold-out of `spec` (each file read once)."""
+    if val_spec:
+        return {"train": read_conversations(spec, None, field), "val": read_conversations(val_spec, None, field)}
+    out: dict[str, list] = {"train": [], "val": []}
+    for path in conversation_files(spec):
+        for number, _, conv in iter_conversations(path, field):
+            out["val" if is_val_document(path, number) else "train"].append(conv)
     return out
 
 
@@ -69,7 +125,7 @@ def encode_rows(tokenizer: Any, conversations: list[list[dict]], context_length:
 
 
 class SFTSource:
-    """BatchSource for data_format = "sft": data_dir = conversations JSONL (file/folder/glob).
+    """BatchSource for data_format = "sft": data_dir = conversations (JSONL/Parquet file, folder, glob or hf:).
 
     The tokenizer (from_config: tokenizer_path, else the init_from checkpoint's, else tokenizer.json beside
     the data) gets the chat special tokens if missing (`added_tokens` lists the new ids: the model's
@@ -78,7 +134,7 @@ class SFTSource:
     """
 
     def __init__(self, data: str | os.PathLike, context_length: int, tokenizer: Any, *, val_data: str = "",
-                 seed: int = 1337, dynamic_padding: bool = False):
+                 seed: int = 1337, dynamic_padding: bool = False, field: str = CONVERSATIONS_FIELD):
         self.data, self.val_data = os.fspath(data), os.fspath(val_data) if val_data else ""
         self.context_length = int(context_length)
         self.added_tokens = add_chat_tokens(tokenizer)
@@ -92,9 +148,7 @@ class SFTSource:
         self.dynamic_padding = bool(dynamic_padding)  # trim batches to the longest row
         val_spec = self.val_data
         self.rows: dict[str, EpochRows] = {}
-        for split in ("train", "val"):
-            convs = read_conversations(val_spec if (split == "val" and val_spec) else self.data,
-                                       None if val_spec else split)
+        for split, convs in read_split_conversations(self.data, val_spec, field).items():
             x, y, m, dropped = encode_rows(tokenizer, convs, self.context_length)
             self.dropped[split] = dropped
             if len(x) == 0:
@@ -112,7 +166,8 @@ class SFTSource:
         if tokenizer is None:
             tokenizer, _ = resolve_tokenizer(cfg.tokenizer_path, cfg.init_from, cfg.data_dir)
         return cls(cfg.data_dir, cfg.context_length, tokenizer, val_data=cfg.val_data, seed=cfg.seed,
-                   dynamic_padding=cfg.dynamic_padding)
+                   dynamic_padding=cfg.dynamic_padding,
+                   field=getattr(cfg, "conversations_field", CONVERSATIONS_FIELD))
 
     def set_rank(self, rank: int, world_size: int) -> None:
         self.rank, self.world_size = int(rank), int(world_size)

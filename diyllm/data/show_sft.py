@@ -2,6 +2,7 @@
 
   diyllm show-sft-sample data/synthetic_chat/train.jsonl --index 3 --ckpt runs/pretrain/best.pt
   diyllm show-sft-sample chats.jsonl --tokenizer data/pystdlib/tokenizer.json --context_length 256
+  diyllm show-sft-sample chats.parquet --conversations_field messages      # also .jsonl.zst/.gz, hf:...
 
 Trained tokens (loss mask 1: assistant replies and their <|im_end|>) are shown in green when the output
 is a terminal, and between [[ and ]] otherwise (or with --plain). Tokens beyond --context_length, which
@@ -20,13 +21,14 @@ GREEN, RESET = "\033[42;30m", "\033[0m"
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("data", help="conversations JSONL file")
+    parser.add_argument("data", help="conversations file (JSONL, .jsonl.gz/.zst, Parquet), folder, glob or hf: source")
     parser.add_argument("--index", type=int, default=0, help="which conversation (0-based, non-blank lines)")
     src = parser.add_mutually_exclusive_group()
     src.add_argument("--tokenizer", help="tokenizer JSON file")
     src.add_argument("--ckpt", help="checkpoint whose tokenizer to use")
     parser.add_argument("--context_length", type=int, default=0, help="mark where training would truncate")
     parser.add_argument("--plain", action="store_true", help="brackets instead of colour even on a terminal")
+    parser.add_argument("--conversations_field", default="conversations", help="JSONL key / Parquet column")
 
 
 def render_mask(tokenizer, ids: list[int], mask: list[int], color: bool) -> str:
@@ -68,25 +70,25 @@ def load_tokenizer_for(args: argparse.Namespace):
 
 
 def run(args: argparse.Namespace) -> int:
-    from diyllm.data.chat_template import add_chat_tokens, encode_chat, validate_conversation
-    from diyllm.data.jsonl import iter_jsonl, resolve_jsonl_paths
+    from diyllm.data.chat_template import add_chat_tokens, encode_chat
+    from diyllm.data.sft import conversation_files, iter_conversations
 
     tok = load_tokenizer_for(args)
     add_chat_tokens(tok)
-    path = resolve_jsonl_paths(args.data)[0]
     if args.index < 0:
         raise UserError(f"--index must be >= 0 (got {args.index})")
+    path = conversation_files(args.data)[0]
     count = 0
-    for count, (lineno, conv) in enumerate(iter_jsonl(path, "conversations"), start=1):
+    for count, (_, at, conv) in enumerate(iter_conversations(path, args.conversations_field), start=1):
         if count - 1 == args.index:
-            messages = validate_conversation(conv, f"{path}:{lineno}")
+            where, messages = at, conv
             break
     else:
         raise UserError(f"{path} has {count} conversations; --index {args.index} is out of range")
     ids, mask = encode_chat(tok, messages)
     color = sys.stdout.isatty() and not args.plain
     cut = args.context_length + 1 if args.context_length else len(ids)
-    print(f"{path}:{lineno}  conversation {args.index}: {len(messages)} messages, {len(ids)} tokens, "
+    print(f"{where}  conversation {args.index}: {len(messages)} messages, {len(ids)} tokens, "
           f"{sum(mask)} trained" + (" (green)" if color else " (between [[ and ]])"))
     print(render_mask(tok, ids[:cut], mask[:cut], color))
     if cut < len(ids):

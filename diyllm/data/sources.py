@@ -84,10 +84,11 @@ def resolve_inputs(inputs: list[str] | str) -> list[Path]:
 class Utf8Decoder:
     """Incremental UTF-8 decoding that either replaces-and-counts or fails naming file and byte offset."""
 
-    def __init__(self, path: Path, on_bad_utf8: str, stats: ReadStats, start_offset: int = 0) -> None:
+    def __init__(self, path: Path, on_bad_utf8: str, stats: ReadStats, start_offset: int = 0,
+                 hint: str = "fix the file or use --on_bad_utf8=replace") -> None:
         if on_bad_utf8 not in ("replace", "error"):
             raise UserError(f"on_bad_utf8 must be 'replace' or 'error', not {on_bad_utf8!r}")
-        self.path, self.mode, self.stats = path, on_bad_utf8, stats
+        self.path, self.mode, self.stats, self.hint = path, on_bad_utf8, stats, hint
         errors = "diyllm_count_replace" if on_bad_utf8 == "replace" else "strict"
         self._dec = codecs.getincrementaldecoder("utf-8")(errors=errors)
         self._offset = start_offset  # file offset of the next byte fed
@@ -101,7 +102,7 @@ class Utf8Decoder:
             where = f"{self.path}:{line}" if line is not None else str(self.path)
             raise UserError(
                 f"{where}: invalid UTF-8 at byte offset {self._offset - pending + exc.start} "
-                f"({exc.reason}); fix the file or use --on_bad_utf8=replace"
+                f"({exc.reason}); {self.hint}"
             ) from None
         self._offset += len(data)
         self.stats.bad_utf8 += _bad_counter[0] - before

@@ -59,6 +59,7 @@ class TrainConfig(ModelFields):
     verify_data: bool = True  # bin data: check every shard's SHA-256 against meta.json on open (hashed once per change)
     # --- issue 20: dynamic padding ---
     dynamic_padding: bool = False  # jsonl pad / sft: pad each batch to its longest row, not context_length
+    conversations_field: str = "conversations"  # sft: the JSONL key / Parquet column holding the messages
     # ---- optimisation ----
     max_iters: int = 5000
     learning_rate: float = 1e-3

@@ -63,9 +63,9 @@ def file_prompts(cfg: Any, data: str) -> tuple[list[dict], list[dict]]:
     def wrap(convs):
         return [{"conversations": c} for c in convs]
 
-    val = getattr(cfg, "val_data", "")
-    return wrap(read_conversations(data, None if val else "train")), wrap(read_conversations(val or data,
-                                                                                            None if val else "val"))
+    val, field = getattr(cfg, "val_data", ""), getattr(cfg, "conversations_field", "conversations")
+    return (wrap(read_conversations(data, None if val else "train", field)),
+            wrap(read_conversations(val or data, None if val else "val", field)))
 
 
 def prepare_rl(cfg: Any, task: str | None = None, data: str | None = None, reward: str = "exact_match",

@@ -3,13 +3,15 @@
   diyllm sft configs/sft_synthetic.toml --init_from=runs/pretrain/best.pt
   diyllm sft sft_synthetic --init_from=runs/pretrain/best.pt --max_iters=300 --learning_rate=1e-4
   diyllm sft sft_synthetic --init_from=resume                 # continue the SFT run in out_dir
+  diyllm sft sft_minimind --init_from=runs/minimind_64m/best.pt  # MiniMind's sft_mini_512.jsonl from the Hub
 
-data_dir is a conversations JSONL file/folder/glob ({"conversations": [{"role", "content"}, ...]}),
-val_data the held-out conversations (else ~5% are held out). The tokenizer is the checkpoint's: if it
-lacks the chat tokens <|im_start|>/<|im_end|> they are added and the model's embedding and lm_head get
-new rows initialised to the mean of the existing rows (a neutral start: no token is favoured). A
-tokenizer_path that does not match the checkpoint's tokenizer is an error. Character tokenizers are
-refused (see diyllm/data/chat_template.py). See docs/sft.md.
+data_dir holds the conversations ({"conversations": [{"role", "content"}, ...]}): a JSONL (.gz/.zst) or
+Parquet file, a folder, a glob, or hf:OWNER/DATASET/GLOB (diyllm/data/sft.py; conversations_field names
+another key/column); val_data the held-out conversations (else ~5% are held out). The tokenizer is the
+checkpoint's: if it lacks the chat tokens <|im_start|>/<|im_end|> they are added and the model's
+embedding and lm_head get new rows initialised to the mean of the existing rows (a neutral start: no
+token is favoured). A tokenizer_path that does not match the checkpoint's tokenizer is an error.
+Character tokenizers are refused (see diyllm/data/chat_template.py). See docs/sft.md.
 """
 
 from __future__ import annotations
