@@ -25,10 +25,10 @@ from typing import Any
 
 def settings(quick: bool) -> dict[str, Any]:
     base = dict(d_model=64, num_layers=2, num_heads=4, context_length=96, batch_size=16, pretrain_docs=500,
-                pretrain_iters=150, pretrain_lr=3e-3, sft_train=600, sft_iters=150, sft_lr=2e-3, verbose=0.5,
-                tasks=("capital", "add", "reverse"), pref_train=600, pref_val=60, dpo_iters=30, dpo_lr=3e-4,
-                dpo_beta=2.0, lora_rank=8, rl_tasks="capital", rl_prompts=1500, rl_val=40, rl_iters=40, rl_lr=5e-4,
-                rl_group=8, rl_batch=8)
+                pretrain_iters=300, pretrain_lr=3e-3, sft_train=1000, sft_iters=150, sft_lr=2e-3, verbose=0.5,
+                tasks=("add",), pref_train=600, pref_val=60, dpo_iters=30, dpo_lr=3e-4, dpo_beta=2.0, lora_rank=8,
+                rl_tasks="arithmetic", rl_prompts=2000, rl_val=75, rl_iters=100, rl_lr=1e-4, rl_group=8, rl_batch=8,
+                rl_temperature=0.7, rl_kl=0.1, rl_max_new_tokens=8)
     if quick:
         return base
     return {**base, "d_model": 96, "num_layers": 3, "pretrain_docs": 3000, "pretrain_iters": 600, "sft_train": 2000,
@@ -142,7 +142,9 @@ def _run(out: Path, s: dict, device: str, seed: int, show: int, log) -> dict[str
     log(f"[4/4] RL (GRPO, exact-match reward) on {s['rl_tasks']} prompts ({s['rl_iters']} iterations)")
     rl = TrainConfig(out_dir=str(out / "rl"), init_from=str(out / "dpo" / "latest.pt"), max_iters=s["rl_iters"],
                      learning_rate=s["rl_lr"], min_lr=s["rl_lr"], eval_interval=s["rl_iters"],
-                     log_interval=max(1, s["rl_iters"] // 5), rl_group_size=s["rl_group"], rl_max_new_tokens=16,
+                     log_interval=max(1, s["rl_iters"] // 5), rl_group_size=s["rl_group"],
+                     rl_max_new_tokens=s["rl_max_new_tokens"], rl_temperature=s["rl_temperature"],
+                     rl_kl_coef=s["rl_kl"],
                      **{**common, "batch_size": s["rl_batch"], "warmup_iters": 0}).validate()
     train_post(prepare_rl(rl, task=s["rl_tasks"], n_prompts=s["rl_prompts"], n_val=s["rl_val"]))
     record("RL (GRPO)", out / "rl" / "latest.pt")
