@@ -35,9 +35,12 @@ def test_lab_pipeline_reports_every_stage_and_post_training_helps(lab, capsys):
     stages = {s["stage"]: s for s in report["stages"]}
     assert list(stages) == ["pretrained", "SFT", "DPO (LoRA)", "RL (GRPO)"]
     assert stages["DPO (LoRA)"]["preference_accuracy"] >= 0.9
-    # the quick run is tiny: post-training as a whole must beat SFT on held-out exact match (RL on its own
-    # is checked against the SFT checkpoint in test_rl_raises_held_out_exact_match_over_the_sft_checkpoint)
-    assert max(stages["DPO (LoRA)"]["exact_match"], stages["RL (GRPO)"]["exact_match"]) > stages["SFT"]["exact_match"]
+    # post-training as a whole beats SFT on held-out exact match; RL after DPO must not undo it (measured on
+    # 75 prompts: seed 0 +2 prompts, seeds 1, 2: +6, -1; 2 prompts of slack for other hardware's rounding). RL
+    # on its own is judged in test_rl_raises_held_out_arithmetic_exact_match_over_the_sft_checkpoint.
+    assert report["held_out_prompts"] == 75
+    assert stages["RL (GRPO)"]["exact_match"] > stages["SFT"]["exact_match"]
+    assert stages["RL (GRPO)"]["exact_match"] >= stages["DPO (LoRA)"]["exact_match"] - 2 / 75
     assert json.loads((out / "report.json").read_text())["stages"][-1]["stage"] == "RL (GRPO)"
     saved = torch.load(out / "dpo" / "latest.pt", weights_only=True)
     assert "lora" in saved and all(".lora_" in k for k in saved["model"])  # adapters only
