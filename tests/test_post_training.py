@@ -1,6 +1,7 @@
 """Post-training end to end on CPU: the lab pipeline (pretrain -> SFT -> DPO with LoRA -> RL) runs once
-per module and its checkpoints serve the DPO, RL, LoRA-SFT and distillation tests (each against the
-starting model's own score on the same held-out data, seeded)."""
+per module and its checkpoints serve the DPO, LoRA-SFT and distillation tests; the RL test starts from its
+own arithmetic SFT checkpoint (fixture `arithmetic_sft`). Each is judged against the starting model's own
+score on the same held-out data, seeded."""
 
 from __future__ import annotations
 
