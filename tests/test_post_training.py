@@ -1,6 +1,7 @@
 """Post-training end to end on CPU: the lab pipeline (pretrain -> SFT -> DPO with LoRA -> RL) runs once
-per module and its checkpoints serve the DPO, RL, LoRA-SFT and distillation tests (each against the
-starting model's own score on the same held-out data, seeded)."""
+per module and its checkpoints serve the DPO, LoRA-SFT and distillation tests; the RL test starts from its
+own arithmetic SFT checkpoint (fixture `arithmetic_sft`). Each is judged against the starting model's own
+score on the same held-out data, seeded."""
 
 from __future__ import annotations
 
@@ -35,9 +36,12 @@ def test_lab_pipeline_reports_every_stage_and_post_training_helps(lab, capsys):
     stages = {s["stage"]: s for s in report["stages"]}
     assert list(stages) == ["pretrained", "SFT", "DPO (LoRA)", "RL (GRPO)"]
     assert stages["DPO (LoRA)"]["preference_accuracy"] >= 0.9
-    # the quick run is tiny: post-training as a whole must beat SFT on held-out exact match (RL on its own
-    # is checked against the SFT checkpoint in test_rl_raises_held_out_exact_match_over_the_sft_checkpoint)
-    assert max(stages["DPO (LoRA)"]["exact_match"], stages["RL (GRPO)"]["exact_match"]) > stages["SFT"]["exact_match"]
+    # post-training as a whole beats SFT on held-out exact match; RL after DPO must not undo it (measured on
+    # 75 prompts: seed 0 +2 prompts, seeds 1, 2: +6, -1; 2 prompts of slack for other hardware's rounding). RL
+    # on its own is judged in test_rl_raises_held_out_arithmetic_exact_match_over_the_sft_checkpoint.
+    assert report["held_out_prompts"] == 75
+    assert stages["RL (GRPO)"]["exact_match"] > stages["SFT"]["exact_match"]
+    assert stages["RL (GRPO)"]["exact_match"] >= stages["DPO (LoRA)"]["exact_match"] - 2 / 75
     assert json.loads((out / "report.json").read_text())["stages"][-1]["stage"] == "RL (GRPO)"
     saved = torch.load(out / "dpo" / "latest.pt", weights_only=True)
     assert "lora" in saved and all(".lora_" in k for k in saved["model"])  # adapters only
@@ -62,7 +66,8 @@ def test_dpo_with_lora_raises_held_out_preference_accuracy_from_chance(lab, tmp_
 
     def held_out_accuracy(ckpt):
         model, tok, _ = load_model(ckpt)
-        rows = PreferenceSource(TrainConfig(context_length=96, data_dir=str(tmp_path / "val.jsonl"),
+        rows = PreferenceSource(TrainConfig(context_length=model.config.context_length,
+                                            data_dir=str(tmp_path / "val.jsonl"),
                                             val_data=str(tmp_path / "val.jsonl")), tok, log=lambda *a: None).rows["val"]
         return preference_accuracy(model, rows.x, rows.y, rows.mask)
 
@@ -70,7 +75,7 @@ def test_dpo_with_lora_raises_held_out_preference_accuracy_from_chance(lab, tmp_
     assert 0.3 <= before <= 0.7  # an untrained preference: about chance
     rc = main(["dpo", "dpo_synthetic", f"--init_from={out / 'sft' / 'best.pt'}", f"--data={tmp_path / 'train.jsonl'}",
                f"--val_data={tmp_path / 'val.jsonl'}", f"--out_dir={tmp_path / 'dpo'}", "--lora_rank=8",
-               "--lora_alpha=16", "--max_iters=60", "--eval_interval=60", "--log_interval=20", "--learning_rate=3e-3",
+               "--lora_alpha=16", "--max_iters=100", "--eval_interval=100", "--log_interval=20", "--learning_rate=3e-3",
                "--min_lr=3e-4", "--warmup_iters=5", *QUICK])
     assert rc == 0
     after = held_out_accuracy(tmp_path / "dpo" / "latest.pt")
@@ -81,30 +86,80 @@ def test_dpo_with_lora_raises_held_out_preference_accuracy_from_chance(lab, tmp_
     assert any("pref_acc" in m for m in metrics if m.get("event") == "train")
 
 
-def test_rl_raises_held_out_exact_match_over_the_sft_checkpoint(lab, tmp_path):
+@pytest.fixture(scope="module")
+def arithmetic_sft(tmp_path_factory):
+    """An SFT checkpoint of the synthetic arithmetic task whose held-out exact match is well below 100%:
+    pretrained on "a + b = c." sentences, then SFT on conversations half of which hedge ("7, I think."),
+    so it often knows the sum but does not answer with it alone. Built once (~10 s on one thread)."""
+    from diyllm.data.synthetic import make_splits, plain_text_corpus, write_jsonl
+    from diyllm.data.synthetic_preference import verbose_answers
+    from diyllm.tokenizers import byte_tokenizer
+    from diyllm.training.config import TrainConfig
+    from diyllm.training.sft_cli import prepare_sft
+    from diyllm.training.trainer import train
+
+    out = tmp_path_factory.mktemp("arithmetic_sft")
+    write_jsonl(out / "pretrain.jsonl", [{"text": t} for t in plain_text_corpus(500, 0, ("add",))])
+    train_rows, val_rows = make_splits(1000, 50, 0, ("add",), system=False)
+    write_jsonl(out / "sft_train.jsonl", verbose_answers(train_rows, 0.5, 0))
+    write_jsonl(out / "sft_val.jsonl", verbose_answers(val_rows, 0.5, 1))
+    byte_tokenizer().save(out / "tokenizer.json")
+    common = dict(context_length=64, d_model=64, num_layers=2, num_heads=4, batch_size=16, device="cpu",
+                  dtype="float32", seed=0, progress=False, eval_iters=1, weight_decay=0.0, dropout=0.0,
+                  warmup_iters=10, checkpoint_interval=0, log_interval=100)
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        train(TrainConfig(data_dir=str(out / "pretrain.jsonl"), data_format="jsonl",
+                          tokenizer_path=str(out / "tokenizer.json"), out_dir=str(out / "pretrain"), max_iters=300,
+                          learning_rate=3e-3, min_lr=3e-4, eval_interval=300, **common).validate())
+        cfg, source, model = prepare_sft(TrainConfig(
+            data_dir=str(out / "sft_train.jsonl"), val_data=str(out / "sft_val.jsonl"), out_dir=str(out / "sft"),
+            init_from=str(out / "pretrain" / "best.pt"), max_iters=150, learning_rate=2e-3, min_lr=2e-4,
+            eval_interval=150, **common).validate())
+        train(cfg, source=source, model=model)
+    finally:
+        torch.set_num_threads(threads)
+    return out / "sft" / "latest.pt"
+
+
+def test_rl_raises_held_out_arithmetic_exact_match_over_the_sft_checkpoint(arithmetic_sft, tmp_path, capsys):
+    """`diyllm rl --task=arithmetic` from an SFT checkpoint: held-out exact match (greedy, the prompts the
+    RL run never samples) goes up, judged on the same prompts as the SFT checkpoint's own score, by far
+    more than chance allows (a paired sign test on the prompts that changed)."""
     from diyllm.cli import main
-    from diyllm.generation.exact_match import exact_match
+    from diyllm.generation.exact_match import exact_match, normalise
     from diyllm.training.checkpoint import load_model
     from diyllm.training.rl import task_prompts
 
-    out, _ = lab
-    _, held_out = task_prompts("capital", 1500, 40, seed=0)  # the prompts the RL run holds out (seed 0)
+    _, held_out = task_prompts("arithmetic", 2000, 200, seed=0)  # what `--task=arithmetic --seed=0` holds out
+    assert len(held_out) >= 75
 
-    def score(ckpt):
+    def right(ckpt):
         model, tok, _ = load_model(ckpt)
-        return exact_match(model, tok, held_out)
+        _, replies = exact_match(model, tok, held_out, return_replies=True)
+        return [normalise(r) == normalise(c["conversations"][-1]["content"]) for r, c in zip(replies, held_out)]
 
-    before = score(out / "sft" / "best.pt")
-    assert before < 0.6
-    rc = main(["rl", "rl_synthetic", f"--init_from={out / 'sft' / 'best.pt'}", "--task=capital", "--prompts=1500",
-               f"--out_dir={tmp_path / 'rl'}", "--max_iters=40", "--eval_interval=40", "--log_interval=10",
-               "--learning_rate=5e-4", "--min_lr=5e-4", "--seed=0", *QUICK])
+    before = right(arithmetic_sft)
+    assert sum(before) / len(held_out) < 0.5  # well below 100%: room for RL
+    rc = main(["rl", "rl_synthetic", f"--init_from={arithmetic_sft}", "--task=arithmetic", "--prompts=2000",
+               f"--out_dir={tmp_path / 'rl'}", "--max_iters=40", "--eval_interval=40", "--log_interval=5",
+               "--seed=0", *QUICK])
     assert rc == 0
-    after = score(tmp_path / "rl" / "latest.pt")
-    assert after >= before + 0.1, (before, after)
-    train_records = [json.loads(line) for line in (tmp_path / "rl" / "metrics.jsonl").read_text().splitlines()
-                     if '"train"' in line]
-    assert all({"reward", "kl", "length"} <= set(r) for r in train_records)
+    after = right(tmp_path / "rl" / "latest.pt")
+    gained = sum(a and not b for a, b in zip(after, before))
+    lost = sum(b and not a for a, b in zip(after, before))
+    em_before, em_after = sum(before) / len(held_out), sum(after) / len(held_out)
+    print(f"held-out exact match on {len(held_out)} prompts: SFT {em_before:.1%} -> RL {em_after:.1%} "
+          f"(+{gained} / -{lost} prompts)")
+    # Without an effect, each changed prompt is a fair coin (gained ~ Binomial(gained + lost, 1/2)): demand
+    # a net gain of more than 4 standard deviations of that, and at least 20 points of exact match.
+    assert gained - lost > 4 * (gained + lost) ** 0.5, (em_before, em_after, gained, lost)
+    assert em_after >= em_before + 0.2, (em_before, em_after)
+    records = [json.loads(line) for line in (tmp_path / "rl" / "metrics.jsonl").read_text().splitlines()]
+    rewards = [r["reward"] for r in records if r.get("event") == "train"]
+    assert len(rewards) == 8 and all({"reward", "kl", "length"} <= set(r) for r in records if r.get("event") == "train")
+    assert sum(rewards[4:]) > sum(rewards[:4])  # the sampled reward (one step per record) rises too
 
 
 def test_sft_with_lora_saves_adapters_and_sample_merge_read_them(lab, tmp_path, capsys):
