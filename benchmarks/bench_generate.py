@@ -57,6 +57,22 @@ def copy_bandwidth(mb: int = 256, repeats: int = 5) -> float:
     return 2 * src.numel() * 4 / best  # read src + write dst
 
 
+def gemv_bandwidth(model: DIYForCausalLM, repeats: int = 5) -> float:
+    """Bytes/s of weights read by one matrix-vector product per 2-D weight of `model` in a row (what a
+    decode step does at batch 1, without attention or any other op): how fast this machine's BLAS can
+    actually stream the weights, which is often well below the copy bandwidth on few cores."""
+    mats = [p.detach() for p in model.parameters() if p.dim() == 2 and p is not model.token_embeddings.weight]
+    vecs = {m.shape[1]: torch.ones(1, m.shape[1], dtype=m.dtype) for m in mats}
+
+    def sweep():
+        for m in mats:
+            torch.nn.functional.linear(vecs[m.shape[1]], m)
+
+    sweep()
+    best = min(timed(sweep) for _ in range(repeats))
+    return sum(m.numel() * m.element_size() for m in mats) / best
+
+
 def weight_bytes_per_token(model: DIYForCausalLM) -> int:
     """Bytes of weights one decode step reads: all of them, except the embedding table (one row)."""
     emb = model.token_embeddings.weight
@@ -133,6 +149,9 @@ def bench(cfg: DIYConfig, args) -> dict[str, float]:
         print(f"  memory-bandwidth bound: {wb / 1e6:.1f} MB of weights per token / {bw / 1e9:.1f} GB/s copy "
               f"bandwidth = {bound:.0f} tokens/s; compiled reaches {100 * tps['compiled'] / bound:.0f}% "
               "(target >= 50%)")
+        gemv = gemv_bandwidth(model)
+        print(f"  weights streamed by matrix-vector products alone: {gemv / 1e9:.1f} GB/s = {gemv / wb:.0f} "
+              f"tokens/s; compiled reaches {100 * tps['compiled'] * wb / gemv:.0f}% of that")
         if "hf" in tps:
             print(f"  compiled / HF generate: {tps['compiled'] / tps['hf']:.2f}x (target >= 3x)")
         took = compile_seconds(model)

@@ -15,8 +15,9 @@ measured on these 2-core machines).
 
 Both runs are timed from process launch (imports and data loading included) to each evaluation, one after
 the other on the same machine. Targets (issue 19):
-  * diyllm reaches val 1.886 in <= 25% of nanoGPT's wall time;
-  * within nanoGPT's wall time diyllm reaches val <= 1.50.
+  * diyllm reaches val 1.886 in <= 25% of nanoGPT's wall time (the recipe as shipped: 300 steps);
+  * within nanoGPT's wall time diyllm reaches val <= 1.50 (the recipe with a longer horizon, --long_iters
+    steps, run as a second diyllm run: a schedule made to finish early is not the best one for 80 s).
 The loss-vs-wall-clock curves of both go to --png. `--ablate` instead trains the recipe with one change
 undone at a time for --iters steps and prints a table of val loss and ms/step (per-step quality does not
 depend on how busy the machine is; the ms/step column does).
@@ -50,6 +51,8 @@ ABLATIONS = {
     "no zero-init projections": ["--zero_init_proj=false"],
     "no logit soft-cap": ["--logit_softcap=0"],
     "nanoGPT's batch (12 x 64)": ["--batch_size=12", "--context_length=64"],
+    "twice the batch (32 x 96)": ["--batch_size=32"],
+    "Muon momentum 0.95": ["--muon_momentum=0.95"],
 }
 
 
@@ -160,6 +163,8 @@ def main() -> None:
     p.add_argument("--png", type=Path, default=REPO / "benchmarks" / "out" / "speedrun.png")
     p.add_argument("--threads", type=int, default=0,
                    help="CPU threads for both (nanoGPT: OMP_NUM_THREADS, diyllm: num_threads); 0: torch's default")
+    p.add_argument("--long_iters", type=int, default=800,
+                   help="steps of the second diyllm run, for the quality-within-nanoGPT's-time target (0: skip)")
     p.add_argument("--ablate", action="store_true")
     p.add_argument("--iters", type=int, default=250, help="--ablate: steps per run")
     args, args.extra = p.parse_known_args()  # anything else: --key=value overrides for diyllm train
@@ -186,12 +191,21 @@ def main() -> None:
         ours = run_diyllm(data_dir, scratch / "diyllm", args.extra, args.config)
         runs.append(ours)
         fast = first_time_below(ours["evals"], TARGET_FAST)
-        good = best_within(ours["evals"], nano_wall)
         print(f"diyllm {args.config}: final val {ours['evals'][-1][2]:.4f} in {ours['wall']:.1f}s "
               f"({ours['ms_per_step']:.0f} ms/step)")
         print(f"  reached val {TARGET_FAST} after {fast if fast is None else round(fast, 1)}s = "
               f"{'n/a' if fast is None else f'{100 * fast / nano_wall:.0f}%'} of nanoGPT's {nano_wall:.1f}s "
               "(target <= 25%)")
+        runs_for_good = [ours]
+        if args.long_iters:
+            long = run_diyllm(data_dir, scratch / "diyllm_long", [f"--max_iters={args.long_iters}",
+                              "--eval_interval=50", *args.extra], args.config)
+            long["name"] = f"diyllm --max_iters={args.long_iters}"
+            runs.append(long)
+            runs_for_good.append(long)
+            print(f"diyllm {args.config} --max_iters={args.long_iters}: final val {long['evals'][-1][2]:.4f} "
+                  f"in {long['wall']:.1f}s")
+        good = min(best_within(r["evals"], nano_wall) for r in runs_for_good)
         print(f"  best val within nanoGPT's time: {good:.4f} (target <= {TARGET_GOOD})")
         plot(runs, nano_wall, args.png)
 

@@ -48,7 +48,9 @@ class Verdict:
         if self.best_val_delta is not None:
             parts.append(f"best val {self.best_val_delta:+.3f} vs baseline")
         if self.max_train_diff is not None:
-            parts.append(f"max |Δ train loss| vs baseline {self.max_train_diff:.4f}")
+            diff = self.max_train_diff  # tiny differences (accumulation vs one big batch) need more than 4 decimals
+            parts.append(f"max |Δ train loss| vs baseline {diff:.4f}" if diff >= 1e-3 or diff == 0
+                         else f"max |Δ train loss| vs baseline {diff:.1e}")
         return "; ".join(parts)
 
 
