@@ -7,6 +7,7 @@ import json
 
 import numpy as np
 import pytest
+from test_prepare_shards import _fake_hub  # the fake Hugging Face cache layout, shared
 
 from diyllm.data.chat_template import add_chat_tokens
 from diyllm.data.sft import SFTSource, read_split_conversations
@@ -94,17 +95,6 @@ def test_parquet_without_the_conversations_column_names_file_and_columns(tmp_pat
     (tmp_path / "e.jsonl.zst").write_bytes(zstd.ZstdCompressor().compress(b'{"text": "no chat"}\n'))
     with pytest.raises(UserError, match=r'e\.jsonl\.zst:1: .*"conversations" field.*--conversations_field'):
         read_split_conversations(tmp_path / "e.jsonl.zst")
-
-
-def _fake_hub(cache, repo, files):
-    base = cache / f"datasets--{repo.replace('/', '--')}"
-    snap = base / "snapshots" / ("c" * 40)
-    for rel, data in files.items():
-        (snap / rel).parent.mkdir(parents=True, exist_ok=True)
-        (snap / rel).write_bytes(data)
-    (base / "refs").mkdir(parents=True)
-    (base / "refs" / "main").write_text(snap.name)
-    return snap
 
 
 def test_minimind_sft_config_resolves_through_the_hub_cache_offline_and_online(tmp_path, monkeypatch):

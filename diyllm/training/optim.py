@@ -115,46 +115,25 @@ def newton_schulz_orthogonalize(
     value s. Dividing by the Frobenius norm first puts every s in [0, 1], where the polynomial pushes it
     up towards 1. Working on the wide orientation keeps A = X·Xᵀ the small square. bfloat16 is enough
     (the result is only a direction) and is what the reference implementations use.
+
+    g is one matrix (rows, cols) or a stack (n, rows, cols) of same-shape matrices, each orthogonalised
+    on its own (its own norm): a model's q/k/v/o then cost one batched call per step instead of one each,
+    and on small models the per-call overhead is most of Muon's time.
     """
-    if g.dim() != 2:
-        raise ValueError(f"Newton-Schulz needs a matrix, got shape {tuple(g.shape)}")
+    if g.dim() not in (2, 3):
+        raise ValueError(f"Newton-Schulz needs a matrix or a stack of them, got shape {tuple(g.shape)}")
     a, b, c = coefficients
-    x = g.to(dtype)
-    tall = g.shape[0] > g.shape[1]
-    if tall:
-        x = x.T
-    x = x / x.norm().clamp(min=eps)
-    for _ in range(steps):
-        gram = x @ x.T
-        poly = torch.addmm(gram, gram, gram, beta=b, alpha=c)  # b·A + c·A²
-        x = torch.addmm(x, poly, x, beta=a)  # a·X + poly·X
-    return x.T if tall else x
-
-
-def newton_schulz_batched(
-    g: torch.Tensor,
-    steps: int = 5,
-    coefficients: tuple[float, float, float] = NS_COEFFICIENTS,
-    eps: float = 1e-7,
-    dtype: torch.dtype = torch.bfloat16,
-) -> torch.Tensor:
-    """Fast path of `newton_schulz_orthogonalize` for a stack (n, rows, cols) of same-shape matrices: the
-    same iteration with batched matmuls, so a model's q/k/v/o (or MLP) matrices cost one call per step
-    instead of one each. On small models the per-call overhead is most of Muon's time (tests check that
-    each slice equals the plain function's result)."""
-    if g.dim() != 3:
-        raise ValueError(f"batched Newton-Schulz needs (n, rows, cols), got shape {tuple(g.shape)}")
-    a, b, c = coefficients
-    x = g.to(dtype)
-    tall = g.shape[1] > g.shape[2]
+    x = g.to(dtype) if g.dim() == 3 else g.to(dtype)[None]
+    tall = g.shape[-2] > g.shape[-1]
     if tall:
         x = x.mT
-    x = x / x.norm(dim=(1, 2), keepdim=True).clamp(min=eps)  # each matrix by its own Frobenius norm
+    x = x / x.norm(dim=(1, 2), keepdim=True).clamp(min=eps)
     for _ in range(steps):
         gram = x @ x.mT
-        poly = torch.baddbmm(gram, gram, gram, beta=b, alpha=c)
-        x = torch.baddbmm(x, poly, x, beta=a)
-    return x.mT if tall else x
+        poly = torch.baddbmm(gram, gram, gram, beta=b, alpha=c)  # b·A + c·A²
+        x = torch.baddbmm(x, poly, x, beta=a)  # a·X + poly·X
+    x = x.mT if tall else x
+    return x if g.dim() == 3 else x[0]
 
 
 def muon_lr_ratio(shape: torch.Size | tuple[int, ...], adjust_lr_fn: str) -> float:
@@ -279,8 +258,8 @@ class Muon(AdamW):
 
 
 def _orthogonalize_all(updates: list[torch.Tensor], ns_args: tuple) -> list[torch.Tensor]:
-    """Newton-Schulz of every update, in order: plain tensors of the same shape go through
-    `newton_schulz_batched` together; a sharded (DTensor) one is gathered and done on its own."""
+    """Newton-Schulz of every update, in order: plain tensors of the same shape go through one stacked
+    call together; a sharded (DTensor) one is gathered and done on its own."""
     out: list[torch.Tensor | None] = [None] * len(updates)
     by_shape: dict[tuple, list[int]] = {}
     for i, u in enumerate(updates):
@@ -292,7 +271,7 @@ def _orthogonalize_all(updates: list[torch.Tensor], ns_args: tuple) -> list[torc
         if len(idx) == 1:
             out[idx[0]] = newton_schulz_orthogonalize(updates[idx[0]], *ns_args)
             continue
-        for i, ortho in zip(idx, newton_schulz_batched(torch.stack([updates[i] for i in idx]), *ns_args)):
+        for i, ortho in zip(idx, newton_schulz_orthogonalize(torch.stack([updates[i] for i in idx]), *ns_args)):
             out[i] = ortho
     return out
 
