@@ -47,7 +47,7 @@ ABLATIONS = {
     "recipe": [],
     "AdamW instead of Muon": ["--optimizer=adamw"],
     "no QK-norm": ["--qk_norm=false"],
-    "SwiGLU instead of ReLU²": ["--mlp=swiglu", "--d_ff=344"],
+    "ReLU² instead of SwiGLU": ["--mlp=relu2", "--d_ff=512"],
     "no zero-init projections": ["--zero_init_proj=false"],
     "no logit soft-cap": ["--logit_softcap=0"],
     "nanoGPT's batch (12 x 64)": ["--batch_size=12", "--context_length=64"],
@@ -78,7 +78,9 @@ def run_nanogpt(src: Path, scratch: Path, threads: int = 0) -> dict:
     (data / "prepare.py").symlink_to(src / "data" / "shakespeare_char" / "prepare.py")
     (data / "input.txt").symlink_to(SHARED)  # prepare.py downloads only when input.txt is missing
     run_timed([sys.executable, "prepare.py"], data)
-    env = dict(os.environ, OMP_NUM_THREADS=str(threads)) if threads else None
+    env = dict(os.environ, PYTHONUNBUFFERED="1")  # its eval lines timed when printed, not when flushed
+    if threads:
+        env["OMP_NUM_THREADS"] = str(threads)
     total, lines = run_timed([sys.executable, "train.py", *NANOGPT_ARGS], scratch, env=env)
     evals = []
     for t, text in lines:
@@ -99,12 +101,17 @@ def diyllm_data(scratch: Path, data_dir: str | None) -> str:
 
 def run_diyllm(data_dir: str, out: Path, extra: list[str], config: str) -> dict:
     """diyllm train; evals from metrics.jsonl, shifted by the process's startup so both clocks start at
-    launch (the trainer's own clock starts after imports and data loading)."""
-    total, _ = run_timed([sys.executable, "-m", "diyllm", "train", config, f"--data_dir={data_dir}",
-                          f"--out_dir={out}", "--progress=false", *extra], REPO, env=dict(os.environ))
+    launch (the trainer's own clock starts after imports and data loading). The startup is read off the
+    moment the step-0 evaluation line arrived on stdout (unbuffered), minus its time on the trainer's
+    clock; what runs after the last evaluation (the final save, process exit) is in `wall` only."""
+    total, lines = run_timed([sys.executable, "-m", "diyllm", "train", config, f"--data_dir={data_dir}",
+                              f"--out_dir={out}", "--progress=false", *extra], REPO,
+                             env=dict(os.environ, PYTHONUNBUFFERED="1"))
     records = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines() if line.strip()]
     end = next(r for r in reversed(records) if r["event"] == "end")
-    startup = total - end["time"]
+    first_eval = next((r for r in records if r["event"] == "eval"), None)
+    arrived = next((t for t, text in lines if text.startswith("eval @ ")), None)
+    startup = arrived - first_eval["time"] if first_eval and arrived is not None else total - end["time"]
     evals = [(r["time"] + startup, r["iter"], r["val_loss"]) for r in records if r["event"] == "eval"]
     train = [r for r in records if r["event"] == "train"]
     ms = 1000 * (train[-1]["time"] - train[0]["time"]) / max(1, train[-1]["iter"] - train[0]["iter"]) if train else 0

@@ -204,7 +204,7 @@ def test_the_speedrun_config_builds_its_model_and_muon(tmp_path):
 
     cfg = load_config("shakespeare_char_speedrun", [f"--out_dir={tmp_path}"])
     model = DIYForCausalLM(model_config_from(cfg, 65))
-    assert model.config.qk_norm and model.config.mlp == "relu2" and model.config.logit_softcap > 0
+    assert model.config.qk_norm and model.config.mlp == "swiglu" and model.config.logit_softcap > 0
     assert model.layers[0].attn.output_proj.weight.abs().sum() == 0  # zero_init_proj
     opt = build_optimizer(cfg, model)
     assert isinstance(opt, Muon) and sum(g["use_muon"] for g in opt.param_groups) == 1
