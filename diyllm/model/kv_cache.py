@@ -9,7 +9,10 @@ from __future__ import annotations
 import torch
 
 
-class KVCache:
+class KVBuffers:
+    """The storage both caches share: one (num_layers, B, Hkv, max_len, D) buffer each for keys and values,
+    with per-layer views, so a step writes with one op per tensor; `for_model` sizes it from a model."""
+
     def __init__(
         self,
         num_layers: int,
@@ -23,10 +26,8 @@ class KVCache:
         shape = (num_layers, batch_size, num_kv_heads, max_len, head_dim)
         self.k = torch.zeros(shape, device=device, dtype=dtype)
         self.v = torch.zeros(shape, device=device, dtype=dtype)
-        self.max_len = max_len
-        # Per-layer views of the buffers, so a decode step writes with one narrow + copy_ per tensor.
         self._k_layers, self._v_layers = self.k.unbind(0), self.v.unbind(0)
-        self.length = 0  # tokens stored so far (the same for every layer once a forward completes)
+        self.max_len, self.batch_size = max_len, batch_size
 
     @classmethod
     def for_model(cls, model, batch_size: int, max_len: int | None = None, dtype: torch.dtype | None = None):
@@ -34,6 +35,14 @@ class KVCache:
         param = next(model.parameters())
         return cls(c.num_layers, batch_size, c.num_kv_heads, c.head_dim, max_len or c.context_length,
                    device=param.device, dtype=dtype or param.dtype)
+
+
+class KVCache(KVBuffers):
+    """Decode-time cache whose readers see a growing slice: columns 0..length of each layer's buffers."""
+
+    def __init__(self, *args, **kwargs):
+        super().__init__(*args, **kwargs)
+        self.length = 0  # tokens stored so far (the same for every layer once a forward completes)
 
     def update(self, layer_idx: int, k: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """Store k/v (B, Hkv, T, D) after the cached tokens; return all keys/values so far."""
@@ -56,7 +65,7 @@ class KVCache:
         self.length = 0
 
 
-class StaticKVCache:
+class StaticKVCache(KVBuffers):
     """A KV cache whose every tensor keeps one shape and one address, for a compiled decode step.
 
     `KVCache` returns a growing slice of its buffers, so each decode step has new shapes (a compiled
@@ -69,22 +78,11 @@ class StaticKVCache:
 
     length = 0
 
-    def __init__(self, num_layers: int, batch_size: int, num_kv_heads: int, head_dim: int, max_len: int,
-                 device: torch.device | str = "cpu", dtype: torch.dtype = torch.float32):
-        shape = (num_layers, batch_size, num_kv_heads, max_len, head_dim)
-        self.k = torch.zeros(shape, device=device, dtype=dtype)
-        self.v = torch.zeros(shape, device=device, dtype=dtype)
-        self._k_layers, self._v_layers = self.k.unbind(0), self.v.unbind(0)
-        self.max_len, self.batch_size = max_len, batch_size
+    def __init__(self, *args, **kwargs):
+        super().__init__(*args, **kwargs)
+        device = self.k.device
         self.index = torch.zeros(1, dtype=torch.long, device=device)  # the column(s) the next forward writes
-        self.visible = torch.zeros(batch_size, max_len, dtype=torch.bool, device=device)
-
-    @classmethod
-    def for_model(cls, model, batch_size: int, max_len: int | None = None, dtype: torch.dtype | None = None):
-        c = model.config
-        param = next(model.parameters())
-        return cls(c.num_layers, batch_size, c.num_kv_heads, c.head_dim, max_len or c.context_length,
-                   device=param.device, dtype=dtype or param.dtype)
+        self.visible = torch.zeros(self.batch_size, self.max_len, dtype=torch.bool, device=device)
 
     def tensors(self) -> list[torch.Tensor]:
         """Every tensor a compiled step reads or writes (for torch._dynamo.mark_static_address)."""

@@ -16,15 +16,14 @@ from __future__ import annotations
 import torch
 from torch import nn
 
+from diyllm.model.kv_cache import KVBuffers
+
 
 class SlotKVCache:
     def __init__(self, model: nn.Module, num_slots: int):
-        c = model.config
-        param = next(model.parameters())
-        shape = (c.num_layers, num_slots, c.num_kv_heads, c.context_length, c.head_dim)
-        self.k = torch.zeros(shape, device=param.device, dtype=param.dtype)
-        self.v = torch.zeros(shape, device=param.device, dtype=param.dtype)
-        self.num_slots, self.max_len = num_slots, c.context_length
+        buffers = KVBuffers.for_model(model, num_slots)  # the same storage as the decode caches
+        self.k, self.v = buffers.k, buffers.v
+        self.num_slots, self.max_len = num_slots, buffers.max_len
         self.lengths = [0] * num_slots  # tokens stored per slot
 
     def prefill(self, slot: int) -> _PrefillView:
