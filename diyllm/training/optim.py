@@ -40,8 +40,12 @@ class AdamW(torch.optim.Optimizer):
             with torch.enable_grad():
                 loss = closure()
         for group in self.param_groups:
-            self._adamw_group(group)
+            self._group_step(group)
         return loss
+
+    def _group_step(self, group: dict) -> None:
+        """One parameter group's update (Muon overrides this to route its groups)."""
+        self._adamw_group(group)
 
     def _adamw_group(self, group: dict) -> None:
         """One AdamW step for the parameters of `group` that have a gradient."""
@@ -224,18 +228,11 @@ class Muon(AdamW):
                     raise ValueError(f"Muon groups take 2-D matrices only, got shapes {bad}; put vectors "
                                      "and embeddings in a group with use_muon=False (AdamW)")
 
-    @torch.no_grad()
-    def step(self, closure: Callable[[], float] | None = None):
-        loss = None
-        if closure is not None:
-            with torch.enable_grad():
-                loss = closure()
-        for group in self.param_groups:
-            if group["use_muon"]:
-                self._muon_group(group)
-            else:
-                self._adamw_group(dict(group, lr=group["lr"] * group["lr_scale"]))
-        return loss
+    def _group_step(self, group: dict) -> None:
+        if group["use_muon"]:
+            self._muon_group(group)
+        else:
+            self._adamw_group(dict(group, lr=group["lr"] * group["lr_scale"]))
 
     def _muon_group(self, group: dict) -> None:
         lr, wd, mu = group["lr"] * group["lr_scale"], group["weight_decay"], group["momentum"]
