@@ -28,7 +28,7 @@ import torch
 from torch import nn
 
 from diyllm.generation.sampling import SamplingParams, TokenPicker
-from diyllm.generation.steps import ContextFullWarning, DecodeStep
+from diyllm.generation.steps import decode_steps, left_padded_prompts
 from diyllm.model.kv_cache import StaticKVCache
 
 # model -> {(batch, dtype): StaticDecoder}; weak, so a dropped model frees its caches and graphs.
@@ -157,17 +157,7 @@ def decode_compiled(model: nn.Module, prompts: list[list[int]], max_new_tokens: 
     context = params.context
     dec = decoder_for(model, len(prompts), compile)
     device, ctx = dec.device, dec.max_len
-    B, L = len(prompts), max(len(p) for p in prompts)
-    if context == "stop" and ctx < L:
-        raise ValueError(f"prompt of {L} tokens exceeds the model's context_length={ctx}; shorten it or use "
-                         "context='slide' to keep only its last tokens")
-    total = L + max_new_tokens
-    seq = torch.zeros(B, total, dtype=torch.long)
-    real = torch.zeros(B, total, dtype=torch.bool)
-    for b, p in enumerate(prompts):
-        seq[b, L - len(p) : L] = torch.tensor(p)
-        real[b, L - len(p) : L] = True
-    seq, real = seq.to(device), real.to(device)
+    seq, real, L = left_padded_prompts(prompts, max_new_tokens, ctx, context, device)
     keep = max(1, ctx - ctx // 4)
     n = L
     start = max(0, n - ctx)
@@ -176,28 +166,17 @@ def decode_compiled(model: nn.Module, prompts: list[list[int]], max_new_tokens: 
 
     picker = TokenPicker(params, seq[:, :L], real[:, :L], model.config.vocab_size)
 
-    for step in range(max_new_tokens):
-        tok = picker.pick(logits)
-        seq[:, n] = tok
-        real[:, n] = True
-        n += 1
-        yield DecodeStep(tok, logits, picker.finished)
-        if picker.stopped(tok):
-            return
-        if step == max_new_tokens - 1:
-            return
-        if context == "stop" and n > ctx:
-            warnings.warn(ContextFullWarning(
-                f"stopped after {step + 1} new tokens: the sequence reached the context window of {ctx} tokens "
-                "(use context='slide' to keep going with the most recent tokens)"), stacklevel=2)
-            return
+    def next_logits(n: int, tok: torch.Tensor) -> torch.Tensor:
+        nonlocal column
         if column >= ctx:  # full: restart the cache from the most recent `keep` tokens (eagerly)
-            logits = dec.prefill(model, seq[:, n - keep : n], real[:, n - keep : n])
             column = keep
-            continue
+            return dec.prefill(model, seq[:, n - keep : n], real[:, n - keep : n])
         dec.tokens.copy_(tok[:, None])
         dec.decode_index.fill_(column)
         dec.cache.visible[:, column] = True
         logits = dec.step(model).clone()  # a CUDA graph's output is overwritten by its next replay
         dec.positions.add_(1)
         column += 1
+        return logits
+
+    yield from decode_steps(picker, seq, real, n, logits, max_new_tokens, context, ctx, next_logits)

@@ -24,7 +24,6 @@ to the first overflow and only approximately after it. With `context="stop"` gen
 
 from __future__ import annotations
 
-import warnings
 from collections.abc import Iterator, Sequence
 from typing import Any
 
@@ -32,7 +31,12 @@ import torch
 from torch import nn
 
 from diyllm.generation.sampling import CONTEXT_MODES, SamplingParams, TokenPicker
-from diyllm.generation.steps import ContextFullWarning, DecodeStep  # noqa: F401  (re-exported here)
+from diyllm.generation.steps import (  # noqa: F401  (ContextFullWarning, DecodeStep re-exported here)
+    ContextFullWarning,
+    DecodeStep,
+    decode_steps,
+    left_padded_prompts,
+)
 from diyllm.model.kv_cache import KVCache
 from diyllm.model.layers import frozen_fused_weights
 
@@ -90,19 +94,9 @@ def _decode(model: nn.Module, prompts: list[list[int]], max_new_tokens: int, par
     context = params.context
     param = next(model.parameters())
     device, ctx = param.device, model.config.context_length
-    B, L = len(prompts), max(len(p) for p in prompts)
-    if context == "stop" and ctx < L:
-        raise ValueError(f"prompt of {L} tokens exceeds the model's context_length={ctx}; shorten it or use "
-                         "context='slide' to keep only its last tokens")
-
+    B = len(prompts)
     # The whole sequence so far (prompt + generated), left-padded, and which columns are real tokens.
-    total = L + max_new_tokens
-    seq = torch.zeros(B, total, dtype=torch.long)
-    real = torch.zeros(B, total, dtype=torch.bool)
-    for b, p in enumerate(prompts):
-        seq[b, L - len(p) : L] = torch.tensor(p)
-        real[b, L - len(p) : L] = True
-    seq, real = seq.to(device), real.to(device)
+    seq, real, L = left_padded_prompts(prompts, max_new_tokens, ctx, context, device)
     padded = any(len(p) != L for p in prompts)
     n = L  # columns filled so far
 
@@ -130,34 +124,23 @@ def _decode(model: nn.Module, prompts: list[list[int]], max_new_tokens: int, par
 
     picker = TokenPicker(params, seq[:, :L], real[:, :L], model.config.vocab_size)
 
-    for step in range(max_new_tokens):
-        tok = picker.pick(logits)
-        seq[:, n] = tok
-        real[:, n] = True
-        n += 1
-        yield DecodeStep(tok, logits, picker.finished)
-        if picker.stopped(tok):
-            return
-        if step == max_new_tokens - 1:
-            return
-        # Feed the new token to get the logits of the next one.
-        if context == "stop" and n > ctx:
-            warnings.warn(ContextFullWarning(
-                f"stopped after {step + 1} new tokens: the sequence reached the context window of {ctx} tokens "
-                "(use context='slide' to keep going with the most recent tokens)"), stacklevel=2)
-            return
+    def next_logits(n: int, tok: torch.Tensor) -> torch.Tensor:
+        """Feed the token just written at column n-1; return the logits of the next one."""
+        nonlocal cache_start, next_pos
         if cache is None:
-            logits, _ = full_forward(max(0, n - ctx), n)
-        elif cache.length >= ctx:  # full: restart the cache from the most recent `keep` tokens
+            return full_forward(max(0, n - ctx), n)[0]
+        if cache.length >= ctx:  # full: restart the cache from the most recent `keep` tokens
             cache.reset()
             cache_start = n - keep
             logits, next_pos = full_forward(cache_start, n, cache)
-        else:
-            mask = real[:, None, None, cache_start:n] if padded else None  # (B, 1, 1, keys)
-            out = model(seq[:, n - 1 : n], positions=next_pos, attn_mask=mask, kv_cache=cache, last_logits_only=True)
-            logits = out.logits[:, -1]
-            if next_pos is not None:
-                next_pos = next_pos + 1
+            return logits
+        mask = real[:, None, None, cache_start:n] if padded else None  # (B, 1, 1, keys)
+        out = model(seq[:, n - 1 : n], positions=next_pos, attn_mask=mask, kv_cache=cache, last_logits_only=True)
+        if next_pos is not None:
+            next_pos = next_pos + 1
+        return out.logits[:, -1]
+
+    yield from decode_steps(picker, seq, real, n, logits, max_new_tokens, context, ctx, next_logits)
 
 
 def generate(
