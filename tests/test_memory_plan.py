@@ -2,11 +2,6 @@
 
 from __future__ import annotations
 
-import json
-import subprocess
-import sys
-import textwrap
-
 import pytest
 import torch
 
@@ -14,6 +9,7 @@ from diyllm.cli import main
 from diyllm.errors import UserError
 from diyllm.model import DIYConfig, DIYForCausalLM
 from diyllm.training.config import available_configs, load_config
+from diyllm.training.fsdp import enable_activation_checkpointing
 from diyllm.training.memory_plan import (
     GiB,
     check_fits,
@@ -22,60 +18,81 @@ from diyllm.training.memory_plan import (
     estimate_memory,
     parse_bytes,
 )
+from diyllm.training.optim import AdamW, clip_grad_norm_
 
 
-@pytest.mark.parametrize("kw", [dict(), dict(tie_embeddings=True), dict(num_kv_heads=2, d_ff=100)])
+@pytest.mark.parametrize("kw", [dict(), dict(tie_embeddings=True), dict(num_kv_heads=2, d_ff=100), dict(mlp="relu2")])
 def test_parameter_count_matches_the_model(kw):
     config = DIYConfig(vocab_size=77, context_length=16, d_model=32, num_layers=3, num_heads=4, **kw)
     assert count_parameters(config)["total"] == DIYForCausalLM(config).num_parameters()
 
 
-MEASURE = textwrap.dedent("""
-    import json, sys, torch
-    from diyllm.model import DIYConfig, DIYForCausalLM
-    from diyllm.training.fsdp import enable_activation_checkpointing
-    from diyllm.training.optim import AdamW, clip_grad_norm_
-    kw = json.loads(sys.argv[1])
-    batch, modes = kw.pop("batch"), kw.pop("modes")
-    config = DIYConfig(**kw)
+def allocator_peak(config: DIYConfig, batch: int, checkpointed: bool, bf16: bool, accumulation: int) -> int:
+    """The most bytes the CPU allocator had handed out at once during two AdamW steps of training
+    (the second with the optimizer state allocated), from the profiler's allocation events: the CPU
+    counterpart of torch.cuda.max_memory_allocated, and the same on any machine (RSS is not: glibc keeps
+    freed blocks, differently from one machine to the next)."""
+    from torch.profiler import ProfilerActivity, profile
+
+    torch.manual_seed(0)
     x = torch.randint(0, config.vocab_size, (batch, config.context_length))
-    torch.ones(512, 512) @ torch.ones(512, 512)  # warm the allocator and the matmul workspaces
-    def peak_rss():  # this process's own peak (VmHWM): ru_maxrss would inherit a big parent's across exec
-        with open("/proc/self/status") as f:
-            return next(int(line.split()[1]) * 1024 for line in f if line.startswith("VmHWM:"))
-    before = peak_rss()
-    for checkpointed in modes:  # one mode per process: the peak only ever grows
+    with profile(activities=[ProfilerActivity.CPU], profile_memory=True) as prof:
         model = DIYForCausalLM(config)
         if checkpointed:
             enable_activation_checkpointing(model)
         optimizer = AdamW(model.parameters(), lr=1e-3)
-        for _ in range(2):  # the second step runs with the optimizer state allocated
-            model(x, targets=x).loss.backward()
+        for _ in range(2):
+            for _ in range(accumulation):
+                with torch.autocast("cpu", dtype=torch.bfloat16, enabled=bf16):
+                    loss = model(x, targets=x).loss
+                (loss / accumulation).backward()
             clip_grad_norm_(model.parameters(), 1.0)
             optimizer.step()
             optimizer.zero_grad(set_to_none=True)
-        del model, optimizer
-        print(peak_rss() - before)
-""")
+        del model, optimizer, loss
+    events = sorted((e.start_ns(), e.nbytes()) for e in prof.profiler.kineto_results.events() if e.name() == "[memory]")
+    live = peak = 0
+    for _, nbytes in events:  # allocations are positive, frees negative
+        live += nbytes
+        peak = max(peak, live)
+    return peak
 
 
-@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="ru_maxrss is in KiB on Linux only")
-@pytest.mark.xfail(strict=True, reason="known: measured with the process's own peak (VmHWM), the CPU peak is "
-                   "~1.3-1.5x the planner's estimate at this shape (e.g. 288 MiB measured vs 192 MiB estimated); "
-                   "the test passed before only because ru_maxrss inherits a large parent's peak across exec. "
-                   "The planner's cross-entropy backward temporaries need recounting (issue 15)")
-def test_estimate_within_30_percent_of_measured_peak_rss():
-    shape = dict(vocab_size=4096, context_length=256, d_model=192, num_layers=4, num_heads=4, num_kv_heads=2)
-    measured = {}
-    for checkpointed in (True, False):  # a fresh process each: the peak of one never hides the other's
-        args = json.dumps({**shape, "batch": 4, "modes": [checkpointed]})
-        proc = subprocess.run([sys.executable, "-c", MEASURE, args], capture_output=True, text=True, timeout=300)
-        assert proc.returncode == 0, proc.stderr
-        measured[checkpointed] = int(proc.stdout.split()[0])
-    for checkpointed, peak in measured.items():
-        est = estimate_memory(DIYConfig(**shape), batch_size=4, activation_checkpointing=checkpointed)
-        assert 0.7 * peak <= est.total <= 1.3 * peak, (checkpointed, est.total, peak)
-    assert measured[False] > 1.2 * measured[True]  # checkpointing does save memory
+BASE = dict(vocab_size=4096, context_length=256, d_model=192, num_layers=4, num_heads=4, num_kv_heads=2)
+
+
+@pytest.mark.parametrize("case", [
+    dict(),
+    dict(checkpointed=True),
+    dict(shape=dict(num_kv_heads=4, tie_embeddings=True, vocab_size=8192)),
+    dict(shape=dict(qk_norm=True, mlp="relu2", logit_softcap=15.0)),
+    dict(bf16=True),
+    dict(bf16=True, checkpointed=True),
+    dict(shape=dict(dropout=0.1)),  # CPU SDPA with dropout materialises the T x T scores
+    dict(shape=dict(attn_impl="diy", context_length=128), batch=8),
+    dict(accumulation=2),  # the gradients coexist with the second micro-step's activations
+    dict(shape=dict(vocab_size=65, d_model=384, num_layers=6, num_heads=6, num_kv_heads=6, dropout=0.2), batch=16),
+], ids=["plain", "checkpointed", "mha-tied-big-vocab", "qknorm-relu2-softcap", "bf16", "bf16-checkpointed",
+        "dropout", "diy-attention", "accumulation", "shakespeare-char-shape"])
+def test_estimate_within_30_percent_of_measured_peak(case):
+    config = DIYConfig(**{**BASE, **case.get("shape", {})})
+    batch, checkpointed, bf16 = case.get("batch", 4), case.get("checkpointed", False), case.get("bf16", False)
+    accumulation = case.get("accumulation", 1)
+    measured = allocator_peak(config, batch, checkpointed, bf16, accumulation)
+    est = estimate_memory(config, batch_size=batch, activation_checkpointing=checkpointed, device_type="cpu",
+                          compute_dtype="bfloat16" if bf16 else "float32", accumulation_steps=accumulation)
+    # The issue asks for +-30%; below is the harmful side (a run that does not fit), so allow only 10%.
+    # Measured on torch 2.13: 1.06-1.11 (the raw sum 0.96-1.00, the rest is the 10% workspace).
+    assert 0.9 * measured <= est.total <= 1.3 * measured, (est.total / measured, est.total, measured)
+
+
+def test_checkpointing_saves_what_the_planner_says():
+    plain = allocator_peak(DIYConfig(**BASE), 4, checkpointed=False, bf16=False, accumulation=1)
+    checkpointed = allocator_peak(DIYConfig(**BASE), 4, checkpointed=True, bf16=False, accumulation=1)
+    est = estimate_memory(DIYConfig(**BASE), batch_size=4, device_type="cpu")
+    assert plain > 1.2 * checkpointed  # checkpointing does save memory ...
+    saved = est.activations_plain - est.activations_checkpointed  # ... about as much as estimated
+    assert 0.7 * (plain - checkpointed) <= saved <= 1.3 * (plain - checkpointed)
 
 
 def test_fsdp_divides_the_state_and_checkpointing_shrinks_activations():
