@@ -1,7 +1,9 @@
 """The small building blocks of a Llama-style transformer, written with plain tensor ops.
 
 Each one has a PyTorch twin (F.linear, F.embedding, F.rms_norm, F.silu) that the tests compare it to;
-writing them out is the point: nothing here is hidden inside a library call.
+writing them out is the point: nothing here is hidden inside a library call. Two fast paths run in
+training, each checked against its plain formula by tests/test_fast_paths.py: RMSNorm's hand-written
+backward (model/fast_paths.py) and SwiGLU's gate through F.silu, which is `silu` below as one kernel.
 """
 
 from __future__ import annotations
@@ -11,7 +13,10 @@ from collections.abc import Iterator
 from contextlib import contextmanager
 
 import torch
+import torch.nn.functional as F
 from torch import nn
+
+from diyllm.model.fast_paths import rms_norm_fast, use_fast_path
 
 
 def trunc_normal_(weight: torch.Tensor, std: float) -> torch.Tensor:
@@ -101,6 +106,8 @@ class RMSNorm(nn.Module):
         nn.init.ones_(self.weight)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if use_fast_path(x, self.weight):  # training in eager float32: same formula, backward by hand
+            return rms_norm_fast(x, self.weight, self.eps)  # (model/fast_paths.py: 2x faster fwd+bwd)
         in_dtype = x.dtype
         # At least float32 (float64 stays float64). No casts when x already is: in decoding, where a
         # step is a few hundred tiny ops, each skipped op is time saved (x * x, not x.pow(2), for the
@@ -112,6 +119,8 @@ class RMSNorm(nn.Module):
 
 def rms_normalize(x: torch.Tensor, eps: float = 1e-6) -> torch.Tensor:
     """x / sqrt(mean(x²) + eps) over the last dimension, without a gain (RMSNorm's weight-free core)."""
+    if use_fast_path(x):  # training in eager float32: same formula, backward by hand (model/fast_paths.py)
+        return rms_norm_fast(x, None, eps)
     xf = x if x.dtype in (torch.float32, torch.float64) else x.float()
     y = xf * torch.rsqrt((xf * xf).mean(dim=-1, keepdim=True) + eps)
     return y if y.dtype == x.dtype else y.to(x.dtype)
@@ -146,7 +155,9 @@ class SwiGLU(nn.Module):
             gate, up = (x @ w13.t()).chunk(2, dim=-1)
         else:
             gate, up = self.w1(x), self.w3(x)
-        return self.w2(silu(gate) * up)
+        # F.silu is `silu` below as one kernel, with a one-kernel backward (tests/test_fast_paths.py):
+        # the plain x·σ(x) costs a third more time per step in this block, forward + backward.
+        return self.w2(F.silu(gate) * up)
 
 
 class ReluSquaredMLP(nn.Module):
