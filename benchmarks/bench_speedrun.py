@@ -170,7 +170,7 @@ def main() -> None:
     p.add_argument("--png", type=Path, default=REPO / "benchmarks" / "out" / "speedrun.png")
     p.add_argument("--threads", type=int, default=0,
                    help="CPU threads for both (nanoGPT: OMP_NUM_THREADS, diyllm: num_threads); 0: torch's default")
-    p.add_argument("--long_iters", type=int, default=800,
+    p.add_argument("--long_iters", type=int, default=880,
                    help="steps of the second diyllm run, for the quality-within-nanoGPT's-time target (0: skip)")
     p.add_argument("--ablate", action="store_true")
     p.add_argument("--iters", type=int, default=250, help="--ablate: steps per run")
