@@ -11,7 +11,9 @@ Greedy decoding of --new tokens after a --prompt-token prompt, batch 1, float32 
 contenders run interleaved round by round (the machine may be shared), and the medians are compared:
   * cache speedup = diyllm with KV cache / diyllm without cache (target >= 5x)
   * vs HF          = diyllm with KV cache / transformers LlamaForCausalLM.generate(use_cache=True) (>= 1.5x)
-  * compiled / HF  = generate(compile=True) (static KV cache, torch.compile'd step) / HF generate (>= 3x)
+  * compiled / HF  = generate(compile=True) (static KV cache, torch.compile'd step) / HF generate (>= 3x);
+                     also with quantize="int8" (int8 weights, bf16 activations: model/quantize.py), eager and
+                     compiled, against the same float32 HF generate
   * % of bound     = compiled tok/s / (copy bandwidth / weight bytes per token): a decode step must read
                      every weight once (the embedding table: one row), so memory bandwidth caps tok/s
                      (target >= 50%). The bandwidth is measured here: a large tensor copy_, read + write.
@@ -34,7 +36,7 @@ import time
 import torch
 
 from diyllm.generation.compiled import compile_seconds
-from diyllm.generation.generate import generate
+from diyllm.generation.generate import generate, quantized_copy
 from diyllm.model import DIYConfig, DIYForCausalLM
 
 
@@ -74,9 +76,11 @@ def gemv_bandwidth(model: DIYForCausalLM, repeats: int = 5) -> float:
 
 
 def weight_bytes_per_token(model: DIYForCausalLM) -> int:
-    """Bytes of weights one decode step reads: all of them, except the embedding table (one row)."""
+    """Bytes of weights one decode step reads: all of them (int8 copies: the int8 matrices and their
+    scales), except the embedding table (one row)."""
     emb = model.token_embeddings.weight
-    total = sum(p.numel() * p.element_size() for p in model.parameters())
+    tensors = [*model.parameters(), *(b for n, b in model.named_buffers() if n.endswith(("weight_int8", "scale")))]
+    total = sum(t.numel() * t.element_size() for t in tensors)
     if not model.config.tie_embeddings:
         total -= (emb.shape[0] - 1) * emb.shape[1] * emb.element_size()
     return total
@@ -122,11 +126,21 @@ def bench(cfg: DIYConfig, args) -> dict[str, float]:
     if hf is not None:
         with torch.inference_mode():
             hf.generate(hf_ids, do_sample=False, max_new_tokens=8, eos_token_id=None, pad_token_id=0)
-    times: dict[str, list[float]] = {"cache": [], "no cache": [], "hf": [], "compiled": []}
+    if args.int8:
+        generate(model, prompt, 8, temperature=0, quantize="int8")
+        if args.compile:
+            generate(model, prompt, 8, temperature=0, quantize="int8", compile=True)
+    times: dict[str, list[float]] = {"cache": [], "no cache": [], "hf": [], "compiled": [], "int8": [],
+                                     "int8+comp": []}
     for r in range(args.rounds):
         times["cache"].append(timed(lambda: ours(True)))
         if args.compile:
             times["compiled"].append(timed(lambda: generate(model, prompt, args.new, temperature=0, compile=True)))
+        if args.int8:
+            times["int8"].append(timed(lambda: generate(model, prompt, args.new, temperature=0, quantize="int8")))
+            if args.compile:
+                times["int8+comp"].append(timed(lambda: generate(model, prompt, args.new, temperature=0,
+                                                                  quantize="int8", compile=True)))
         if r < max(1, args.rounds // 2):  # the slow reference: fewer rounds are enough
             times["no cache"].append(timed(lambda: ours(False)))
         if hf is not None:
@@ -154,6 +168,14 @@ def bench(cfg: DIYConfig, args) -> dict[str, float]:
               f"tokens/s; compiled reaches {100 * tps['compiled'] * wb / gemv:.0f}% of that")
         if "hf" in tps:
             print(f"  compiled / HF generate: {tps['compiled'] / tps['hf']:.2f}x (target >= 3x)")
+        if "int8+comp" in tps:
+            q_bytes = weight_bytes_per_token(quantized_copy(model, "int8"))
+            q_bound = bw / q_bytes
+            print(f"  int8 weights (bf16 activations): {q_bytes / 1e6:.1f} MB per token, bound {q_bound:.0f} tokens/s; "
+                  f"compiled int8 reaches {100 * tps['int8+comp'] / q_bound:.0f}% (target >= 50%)")
+            if "hf" in tps:
+                print(f"  compiled int8 / HF generate (float32): {tps['int8+comp'] / tps['hf']:.2f}x (target >= 3x); "
+                      f"eager int8 / HF: {tps['int8'] / tps['hf']:.2f}x")
         took = compile_seconds(model)
         saved = 1 / tps["cache"] - 1 / tps["compiled"]  # seconds saved per token vs the eager cached path
         if took is not None and saved > 0:
@@ -171,6 +193,7 @@ def main() -> None:
     p.add_argument("--quick", action="store_true")
     p.add_argument("--no-hf", action="store_true", help="skip the transformers comparison")
     p.add_argument("--no-compile", dest="compile", action="store_false", help="skip compiled decoding")
+    p.add_argument("--no-int8", dest="int8", action="store_false", help="skip int8-weight decoding")
     args = p.parse_args()
     if args.threads:
         torch.set_num_threads(args.threads)

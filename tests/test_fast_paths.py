@@ -94,3 +94,17 @@ def test_f_silu_is_the_plain_silu():
     silu(b).backward(dy)
     torch.testing.assert_close(F.silu(x), silu(x))
     torch.testing.assert_close(a.grad, b.grad)
+
+
+@pytest.mark.parametrize("heads,kv_heads", [(6, 6), (8, 2)])
+def test_grouped_decode_attention_equals_sdpa(heads, kv_heads):
+    from diyllm.model.attention import grouped_decode_attention
+
+    torch.manual_seed(0)
+    B, L, D = 3, 40, 16
+    q, k, v = torch.randn(B, heads, 1, D), torch.randn(B, kv_heads, L, D), torch.randn(B, kv_heads, L, D)
+    mask = torch.rand(B, 1, 1, L) > 0.3  # the static cache's visible columns, per row
+    mask[..., 0] = True
+    want = F.scaled_dot_product_attention(q, k.repeat_interleave(heads // kv_heads, 1),
+                                          v.repeat_interleave(heads // kv_heads, 1), mask)
+    torch.testing.assert_close(grouped_decode_attention(q, k, v, mask), want)

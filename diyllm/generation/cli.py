@@ -37,6 +37,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--no_cache", action="store_true", help="re-run the whole prefix each step (reference)")
     parser.add_argument("--compile", action="store_true",
                         help="static KV cache + torch.compile'd decode step (one-off compile, then faster)")
+    parser.add_argument("--quantize", choices=("none", "int8"), default="none",
+                        help="int8: decode with int8 weights and bfloat16 activations (CPU: ~4x less to read "
+                             "per token; combine with --compile)")
     parser.add_argument("--context", choices=("slide", "stop"), default="slide",
                         help="when the context window is full: drop the oldest tokens or stop")
     parser.add_argument("--device", default="auto", help="auto, cpu, cuda, mps")
@@ -99,7 +102,7 @@ def run(args: argparse.Namespace) -> int:
     params = SamplingParams(temperature=args.temperature, top_k=args.top_k, top_p=args.top_p,
                             repetition_penalty=args.repetition_penalty, seed=args.seed, use_cache=not args.no_cache,
                             context=args.context, vocab_limit=tokenizer.vocab_size,
-                            stop_ids=(eot,) if eot is not None else (), compile=args.compile)
+                            stop_ids=(eot,) if eot is not None else (), compile=args.compile, quantize=args.quantize)
     if args.seed is not None:
         torch.manual_seed(args.seed)
 

@@ -24,6 +24,7 @@ to the first overflow and only approximately after it. With `context="stop"` gen
 
 from __future__ import annotations
 
+import weakref
 from collections.abc import Iterator, Sequence
 from typing import Any
 
@@ -39,6 +40,7 @@ from diyllm.generation.steps import (  # noqa: F401  (ContextFullWarning, Decode
 )
 from diyllm.model.kv_cache import KVCache
 from diyllm.model.layers import frozen_fused_weights
+from diyllm.model.quantize import quantize_int8
 
 __all__ = ["CONTEXT_MODES", "ContextFullWarning", "DecodeStep", "SamplingParams", "generate", "iter_steps", "stream"]
 
@@ -74,6 +76,8 @@ def iter_steps(
     params = SamplingParams.from_options(params, **options)
     if max_new_tokens <= 0:
         return
+    if params.quantize != "none":  # decode with the int8 copy (made once per weights' version)
+        model = quantized_copy(model, params.quantize)
     was_training = model.training
     model.eval()
     try:
@@ -86,6 +90,21 @@ def iter_steps(
             yield from _decode(model, prompts, max_new_tokens, params)
     finally:
         model.train(was_training)
+
+
+# model -> (the weights' versions when quantized, the quantized copy); weak: a dropped model frees its copy
+_QUANTIZED: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
+
+
+def quantized_copy(model: nn.Module, kind: str) -> nn.Module:
+    """The int8 copy of `model` for decoding, remade when its weights changed (an optimizer step or a
+    load bumps every tensor's version counter) so that generation never runs stale weights."""
+    versions = tuple(p._version for p in model.parameters())
+    cached = _QUANTIZED.get(model)
+    if cached is None or cached[0] != versions:
+        cached = (versions, quantize_int8(model))
+        _QUANTIZED[model] = cached
+    return cached[1]
 
 
 @torch.inference_mode()

@@ -17,6 +17,8 @@ from typing import Any
 
 import torch
 
+from diyllm.model.quantize import QUANTIZE_CHOICES
+
 CONTEXT_MODES = ("slide", "stop")
 
 
@@ -41,6 +43,7 @@ class SamplingParams:
     context: str = "slide"
     vocab_limit: int | None = None
     compile: bool = False  # issue 19: static KV cache + a torch.compile'd decode step (generation/compiled.py)
+    quantize: str = "none"  # "int8": decode with an int8-weight bfloat16 copy of the model (model/quantize.py)
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "stop_ids", tuple(int(i) for i in self.stop_ids))
@@ -48,6 +51,8 @@ class SamplingParams:
             raise ValueError(f"context={self.context!r} must be one of {CONTEXT_MODES}")
         if self.repetition_penalty <= 0:
             raise ValueError(f"repetition_penalty must be > 0, got {self.repetition_penalty}")
+        if self.quantize not in QUANTIZE_CHOICES:
+            raise ValueError(f"quantize={self.quantize!r} must be one of {QUANTIZE_CHOICES}")
         if self.compile and not self.use_cache:
             raise ValueError("compile=True decodes with a static KV cache; it cannot be combined with use_cache=False")
 

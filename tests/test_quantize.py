@@ -1,0 +1,116 @@
+"""Weight-only int8 decoding (model/quantize.py): the rounding bound, the kernel equals the dequantized
+matmul, logits close to float32, compiled = eager tokens, and the copy never goes stale or touches the
+original model."""
+
+from __future__ import annotations
+
+import warnings
+
+import pytest
+import torch
+
+from diyllm.generation import compiled
+from diyllm.generation.generate import generate, iter_steps, quantized_copy
+from diyllm.model import DIYConfig, DIYForCausalLM
+from diyllm.model.layers import Linear
+from diyllm.model.quantize import HAS_INT8_MM, Int8Linear, is_quantized, quantize_int8
+
+
+@pytest.fixture(scope="module")
+def model():
+    torch.manual_seed(0)
+    cfg = DIYConfig(vocab_size=97, context_length=48, d_model=128, num_layers=2, num_heads=4, num_kv_heads=2,
+                    d_ff=344)  # w2's inner width 344 is not a multiple of the int8 kernel's block of 16
+    m = DIYForCausalLM(cfg).eval()
+    with torch.no_grad():  # sharper logits than at init, so greedy choices are far from ties
+        m.lm_head.weight.mul_(8)
+    return m
+
+
+def test_rounding_error_is_at_most_half_a_step_per_row():
+    torch.manual_seed(0)
+    w = torch.randn(64, 96) * torch.logspace(-2, 1, 64)[:, None]  # rows of very different scales
+    lin = Int8Linear(w, act_dtype=torch.float32)
+    step = lin.scale.float()[:, None]
+    err = (lin.dequantized(torch.float32) - w).abs()
+    assert (err <= step / 2 + 1e-6 * step).all()
+    assert lin.weight_int8.abs().max() == 127  # each row's largest weight uses the full range
+
+
+@pytest.mark.skipif(not HAS_INT8_MM, reason="this torch has no aten._weight_int8pack_mm")
+@pytest.mark.parametrize("in_features", [96, 344, 40])  # 344 = the CPU configs' d_ff: not a multiple of 16
+def test_the_int8_kernel_equals_the_dequantized_matmul(in_features):
+    torch.manual_seed(0)
+    lin = Int8Linear(torch.randn(160, in_features))
+    x = torch.randn(3, 5, in_features).bfloat16()
+    fast = lin(x)  # bf16 on CPU: torch's int8 kernel
+    plain = (x.float() @ lin.dequantized(torch.float32).t())
+    torch.testing.assert_close(fast.float(), plain, rtol=2e-2, atol=2e-2 * plain.abs().max().item())
+
+
+def test_quantized_copy_is_close_and_the_original_is_untouched(model):
+    q = quantize_int8(model)
+    assert is_quantized(q) and not is_quantized(model)
+    assert all(isinstance(m, Int8Linear) for m in (q.lm_head, q.layers[0].attn.q_proj, q.layers[1].ffn.w2))
+    assert isinstance(model.lm_head, Linear) and model.lm_head.weight.dtype == torch.float32
+    assert q.token_embeddings.weight.dtype == torch.bfloat16 and q.rope.cos.dtype == torch.float32
+    ids = torch.randint(0, 97, (2, 40))
+    with torch.no_grad():
+        want, got = model(ids).logits, q(ids).logits.float()
+    assert ((got - want).abs().max() / want.abs().max()) < 0.03
+    assert (got.argmax(-1) == want.argmax(-1)).float().mean() > 0.9
+
+
+def test_the_copy_is_remade_when_the_weights_change(model):
+    first = quantized_copy(model, "int8")
+    assert quantized_copy(model, "int8") is first  # cached: quantized once
+    with torch.no_grad():
+        model.layers[0].ffn.w1.weight.mul_(1.0)  # an in-place update, like an optimizer step
+    again = quantized_copy(model, "int8")
+    assert again is not first
+
+
+@pytest.mark.skipif(compiled.compile_unavailable_reason(torch.device("cpu")) is not None,
+                    reason="no C++ compiler for inductor")
+def test_compiled_int8_decoding_agrees_with_eager_int8(model):
+    """bfloat16 activations: inductor keeps fused elementwise chains in float32 where eager rounds after
+    every op, so the two agree to bf16 rounding, not bit for bit (the float32 paths agree exactly:
+    tests/test_compiled_decode.py). The first steps' logits must match to that rounding."""
+    prompts = [[5, 17, 3, 9, 44], [1, 2, 3, 4, 5, 6, 7, 8, 9]]
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", compiled.CompiledDecodeWarning)  # a silent fallback would pass otherwise
+        fast = list(iter_steps(model, prompts, 3, temperature=0, quantize="int8", compile=True))
+    plain = list(iter_steps(model, prompts, 3, temperature=0, quantize="int8"))
+    first_c, first_e = fast[0].logits.float(), plain[0].logits.float()
+    torch.testing.assert_close(first_c, first_e, rtol=0, atol=0.03 * first_e.abs().max().item())
+    assert torch.equal(fast[0].tokens, plain[0].tokens)
+    assert len(generate(model, prompts, 60, temperature=0, quantize="int8", compile=True)[1]) == 60  # slides on
+
+
+def test_unknown_quantization_is_refused(model):
+    with pytest.raises(ValueError, match="quantize='int4' must be one of"):
+        generate(model, [1, 2], 3, quantize="int4")
+
+
+def test_sample_cli_quantize_int8(tmp_path, capsys):
+    from diyllm.cli import main
+    from diyllm.tokenizers import CharTokenizer
+    from diyllm.training.checkpoint import save_checkpoint
+
+    tok = CharTokenizer("abcdefgh \n")
+    tok.save(tmp_path / "tokenizer.json")
+    torch.manual_seed(0)
+    m = DIYForCausalLM(DIYConfig(vocab_size=tok.vocab_size, context_length=32, d_model=32, num_layers=1,
+                                 num_heads=2, d_ff=64))
+    path = tmp_path / "best.pt"
+    save_checkpoint(m, None, 0, path, model_config=m.config.to_dict(),
+                    tokenizer=(tmp_path / "tokenizer.json").read_text())
+    assert main(["sample", "--ckpt", str(path), "--prompt", "abc", "--max_new_tokens", "20", "--temperature", "0",
+                 "--device", "cpu", "--quantize", "int8"]) == 0
+    out = capsys.readouterr().out
+    want = generate(m, tok.encode("abc"), 20, temperature=0, quantize="int8")[0]
+    assert out == "abc" + tok.decode(want) + "\n"
+    with pytest.raises(SystemExit) as exit_info:  # argparse: one usage error line, exit 2
+        main(["sample", "--ckpt", str(path), "--quantize", "int4"])
+    assert exit_info.value.code == 2
+    assert "invalid choice: 'int4'" in capsys.readouterr().err
