@@ -79,23 +79,14 @@ def test_static_cache_writes_the_given_columns_and_keeps_its_tensors():
     assert [t.data_ptr() for t in cache.tensors()] == before and cache.length == 0
 
 
-def test_sample_cli_compile_flag(tmp_path, capsys, monkeypatch):
+def test_sample_cli_compile_flag(tiny_char_checkpoint, capsys, monkeypatch):
     """`diyllm sample --compile` streams the eager tokens and reports how it decoded (here the fallback,
     so the test pays no compile)."""
     from diyllm.cli import main
-    from diyllm.tokenizers import CharTokenizer
-    from diyllm.training.checkpoint import save_checkpoint
 
     monkeypatch.setattr(compiled, "compile_unavailable_reason", lambda device: "no compiler (test)")
     monkeypatch.setattr(compiled, "_WARNED", set())
-    tok = CharTokenizer("abcdefgh \n")
-    tok.save(tmp_path / "tokenizer.json")
-    torch.manual_seed(0)
-    m = DIYForCausalLM(DIYConfig(vocab_size=tok.vocab_size, context_length=32, d_model=32, num_layers=1,
-                                 num_heads=2, d_ff=64))
-    path = tmp_path / "best.pt"
-    save_checkpoint(m, None, 0, path, model_config=m.config.to_dict(),
-                    tokenizer=(tmp_path / "tokenizer.json").read_text())
+    m, tok, path = tiny_char_checkpoint
     assert main(["sample", "--ckpt", str(path), "--prompt", "abc", "--max_new_tokens", "40", "--temperature", "0",
                  "--device", "cpu", "--compile"]) == 0
     out, err = capsys.readouterr()

@@ -92,19 +92,10 @@ def test_unknown_quantization_is_refused(model):
         generate(model, [1, 2], 3, quantize="int4")
 
 
-def test_sample_cli_quantize_int8(tmp_path, capsys):
+def test_sample_cli_quantize_int8(tiny_char_checkpoint, capsys):
     from diyllm.cli import main
-    from diyllm.tokenizers import CharTokenizer
-    from diyllm.training.checkpoint import save_checkpoint
 
-    tok = CharTokenizer("abcdefgh \n")
-    tok.save(tmp_path / "tokenizer.json")
-    torch.manual_seed(0)
-    m = DIYForCausalLM(DIYConfig(vocab_size=tok.vocab_size, context_length=32, d_model=32, num_layers=1,
-                                 num_heads=2, d_ff=64))
-    path = tmp_path / "best.pt"
-    save_checkpoint(m, None, 0, path, model_config=m.config.to_dict(),
-                    tokenizer=(tmp_path / "tokenizer.json").read_text())
+    m, tok, path = tiny_char_checkpoint
     assert main(["sample", "--ckpt", str(path), "--prompt", "abc", "--max_new_tokens", "20", "--temperature", "0",
                  "--device", "cpu", "--quantize", "int8"]) == 0
     out = capsys.readouterr().out
