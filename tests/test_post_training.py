@@ -185,7 +185,9 @@ def test_sft_with_lora_saves_adapters_and_sample_merge_read_them(lab, tmp_path, 
     assert main(["lora", "merge", "--ckpt", latest, "--out", str(tmp_path / "merged.pt")]) == 0
     merged, _, _ = load_model(tmp_path / "merged.pt")
     ids = torch.randint(0, 256, (2, 12))
-    torch.testing.assert_close(merged(ids).logits, model(ids).logits, rtol=1e-5, atol=1e-5)
+    # float32: W + s·BA then x·Wᵀ rounds differently from x·Wᵀ + s·(x·Aᵀ)·Bᵀ; a logit near 0.2 differed
+    # by 1.3e-5 on CI. The merge arithmetic itself is checked exactly in tests/test_lora.py.
+    torch.testing.assert_close(merged(ids).logits, model(ids).logits, rtol=1e-4, atol=1e-4)
 
 
 def test_distilled_student_beats_the_same_student_without_teacher(lab, tmp_path):
