@@ -82,6 +82,23 @@ def test_rows_joining_and_leaving_get_the_same_greedy_tokens_as_generating_alone
     assert scheduler.peak_batch == 3
 
 
+def test_an_int8_model_is_served_with_the_tokens_generate_gives_it():
+    from diyllm.model.quantize import quantize_int8
+
+    model, tok = quantize_int8(_model()), _tokenizer()  # what `diyllm serve --quantize int8` serves
+    prompt = [10, 20, 30, 40]
+    expected = generate(model, prompt, 20, temperature=0)[0]
+    scheduler = BatchScheduler(model, tok, max_batch=2, max_queue=2)
+    c = Collector()
+    scheduler.start()
+    try:
+        scheduler.submit(GenerationRequest(prompt_ids=prompt, max_tokens=20, emit=c, temperature=0))
+        assert c.done.wait(60)
+    finally:
+        scheduler.stop()
+    assert c.texts[0] == tok.decode(expected) and c.tokens[0] == 20
+
+
 def test_sampling_with_a_seed_is_independent_of_the_batch_and_n_gives_distinct_choices():
     model, tok = _model(), _tokenizer()
     scheduler = BatchScheduler(model, tok, max_batch=8)

@@ -3,6 +3,7 @@
   diyllm serve --ckpt runs/sft                        # http://127.0.0.1:8000/ (chat page), /v1/... (API)
   diyllm serve --ckpt best.pt --port 8080 --model-name mymodel --max-concurrency 8
   diyllm serve --ckpt runs/sft --host 0.0.0.0 --api-key SECRET   # reachable from other machines
+  diyllm serve --ckpt runs/sft --quantize int8        # int8 weights: faster decoding on CPU
 
 Requests arriving together are decoded as one batch (up to --max-concurrency rows); more wait in a
 first-come-first-served queue of --max-queue requests, beyond which the server answers 503.
@@ -30,6 +31,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--api-key", default=None, help="require 'Authorization: Bearer KEY' on /v1/*")
     parser.add_argument("--device", default="auto", help="auto, cpu, cuda, mps")
     parser.add_argument("--log-level", default="warning", help="uvicorn log level (info shows every request)")
+    parser.add_argument("--quantize", choices=("none", "int8"), default="none",
+                        help="int8: serve an int8-weight, bfloat16 copy of the model (CPU: ~2.5x faster decoding)")
 
 
 def default_model_name(ckpt: str) -> str:
@@ -75,6 +78,10 @@ def run(args: argparse.Namespace) -> int:
     model, tokenizer, _ = load_model(args.ckpt, device=resolve_device(args.device))
     if tokenizer is None:
         raise UserError(f"{args.ckpt} holds no tokenizer, so requests cannot be encoded")
+    if args.quantize == "int8":  # int8 weights, bf16 activations (model/quantize.py)
+        from diyllm.model.quantize import quantize_int8
+
+        model = quantize_int8(model)
     name = args.model_name or default_model_name(args.ckpt)
     scheduler = BatchScheduler(model, tokenizer, max_batch=args.max_concurrency, max_queue=args.max_queue)
     app = create_app(scheduler, name, api_key=args.api_key)
