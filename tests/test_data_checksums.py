@@ -172,3 +172,22 @@ def test_single_file_dataset_without_checksums_still_trains(tmp_path):
                                                     "val_tokens": 500}))
     assert main(["train", f"--data_dir={tmp_path}", f"--out_dir={tmp_path / 'run'}", *TINY]) == 0
     assert not (tmp_path / STAMP).exists()  # nothing to verify, nothing recorded
+
+
+def test_lr_find_and_diagnose_refuse_a_damaged_shard_too(data, tmp_path, capsys):
+    from diyllm.model import DIYConfig, DIYForCausalLM
+    from diyllm.training.checkpoint import save_checkpoint
+
+    flip_byte(data / "train_00001.bin")
+    assert main(["lr-find", "shakespeare_char_cpu", f"--data_dir={data}", f"--out={tmp_path / 'lr.png'}",
+                 "--num_iters=3", *TINY[:5], "--progress=false", "--device=cpu"]) == 2
+    err = capsys.readouterr().err
+    assert "train_00001.bin does not match its SHA-256" in err and not (tmp_path / "lr.png").exists()
+    vocab = json.loads((data / "meta.json").read_text())["vocab_size"]
+    model = DIYForCausalLM(DIYConfig(vocab_size=vocab, context_length=16, d_model=32, num_layers=1, num_heads=2,
+                                     d_ff=64))
+    save_checkpoint(model, None, 0, tmp_path / "m.pt", model_config=model.config.to_dict())
+    assert main(["diagnose", f"--ckpt={tmp_path / 'm.pt'}", f"--data_dir={data}", f"--out={tmp_path / 'd.png'}",
+                 "--batch_size=2"]) == 2
+    assert "train_00001.bin does not match its SHA-256" in capsys.readouterr().err
+    assert not (tmp_path / "d.png").exists()

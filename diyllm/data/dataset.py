@@ -162,8 +162,9 @@ def open_dataset(data_dir: str | os.PathLike, *, require_val: bool = False, min_
     return Dataset(folder, meta, splits, int(vocab))
 
 
-def load_split(data_dir: str | os.PathLike, split: str) -> Any:
-    """Memory-map `split` ("train" or "val") as a read-only 1-D array of token ids (validated).
+def load_split(data_dir: str | os.PathLike, split: str, verify_checksums: bool = False) -> Any:
+    """Memory-map `split` ("train" or "val") as a read-only 1-D array of token ids (validated; with
+    verify_checksums, every shard's SHA-256 too, hashed once per change as training does).
 
     Only the windows that are indexed get read from disk, so corpora larger than RAM are fine. One shard
     comes back as its np.memmap (an empty split as an empty ndarray, since mmap cannot map 0 bytes);
@@ -171,7 +172,7 @@ def load_split(data_dir: str | os.PathLike, split: str) -> Any:
     """
     if split not in SPLITS:
         raise UserError(f"split must be one of {SPLITS}, not {split!r}")
-    return open_dataset(data_dir).split(split)
+    return open_dataset(data_dir, verify_checksums=verify_checksums).split(split)
 
 
 def tokenizer_path(data_dir: str | os.PathLike) -> Path:

@@ -83,7 +83,7 @@ def train_batches(cfg: Any, split: str = "train", seed: int = 0) -> Callable[[],
     from diyllm.data.dataset import load_split
 
     d = config_dict(cfg)
-    data = load_split(d["data_dir"], split)
+    data = load_split(d["data_dir"], split, verify_checksums=bool(d.get("verify_data", True)))  # as train does
     T, B = int(d["context_length"]), int(d["batch_size"])
     if len(data) <= T:
         raise UserError(f"{d['data_dir']}/{split}.bin has {len(data)} tokens, fewer than context_length+1 = {T + 1}")
