@@ -212,3 +212,27 @@ def test_chat_session_drops_the_oldest_turns_to_fit_the_context():
     assert "dropped the" in text and "(conversation reset)" in text
     assert len(session.history) == 2 and session.history[0]["content"] == "again"
     assert len(session.prompt_ids()) + 8 <= 96
+
+
+def test_chat_cli_quantize_int8_replies_as_the_int8_session(tmp_path, capsys, monkeypatch):
+    import importlib
+
+    from diyllm.cli import main
+    from diyllm.generation.chat import ChatSession
+    from diyllm.training.checkpoint import save_checkpoint
+
+    gen = importlib.import_module("diyllm.generation.generate")  # the module (the package re-exports the function)
+    made = []  # the flag must reach generation: the int8 copy is made (at this size its tokens equal fp32's)
+    monkeypatch.setattr(gen, "quantize_int8", lambda m, real=gen.quantize_int8: made.append(1) or real(m))
+
+    tok = chat_tokenizer()
+    tok.save(tmp_path / "tokenizer.json")
+    torch.manual_seed(0)
+    model = DIYForCausalLM(DIYConfig(vocab_size=259, context_length=96, d_model=32, num_layers=1, num_heads=2))
+    save_checkpoint(model, None, 0, tmp_path / "m.pt", model_config=model.config.to_dict(),
+                    tokenizer=(tmp_path / "tokenizer.json").read_text())
+    assert main(["chat", "--ckpt", str(tmp_path / "m.pt"), "--prompt", "hello", "--temperature", "0",
+                 "--max_new_tokens", "12", "--quantize", "int8", "--device", "cpu"]) == 0
+    assert made == [1]
+    want = "".join(ChatSession(model, tok, max_new_tokens=12, temperature=0, quantize="int8").reply("hello"))
+    assert capsys.readouterr().out == want + "\n"

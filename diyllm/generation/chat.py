@@ -29,6 +29,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--top_p", type=float, default=0.9)
     parser.add_argument("--repetition_penalty", type=float, default=1.0)
     parser.add_argument("--seed", type=int, default=None)
+    parser.add_argument("--compile", action="store_true", help="static KV cache + torch.compile'd decode step")
+    parser.add_argument("--quantize", choices=("none", "int8"), default="none",
+                        help="int8: int8 weights, bfloat16 activations (faster decoding on CPU)")
     parser.add_argument("--device", default="auto")
 
 
@@ -141,7 +144,8 @@ def run(args: argparse.Namespace) -> int:
     from diyllm.generation.sampling import SamplingParams
 
     params = SamplingParams(temperature=args.temperature, top_k=args.top_k, top_p=args.top_p,
-                            repetition_penalty=args.repetition_penalty, seed=args.seed)
+                            repetition_penalty=args.repetition_penalty, seed=args.seed, compile=args.compile,
+                            quantize=args.quantize)
     session = ChatSession(model, tokenizer, system=args.system, max_new_tokens=args.max_new_tokens, params=params)
     if args.prompt is not None:
         chat_loop(session, [args.prompt], sys.stdout, interactive=False)
