@@ -71,20 +71,20 @@ def activation_bytes_per_token(c: DIYConfig, act_bytes: int, seq_len: int, math_
     """Bytes saved for backward per token, counted tensor by tensor from this repo's layers (checked by
     tests/test_memory_plan.py against the bytes the allocator hands out).
 
-    One block: each RMSNorm saves its input, 1/rms and the normalised input in float32 (the norm
-    upcasts), and its output goes on as the next matmul's input (in the compute dtype); attention saves
-    q, k and v (k/v expanded to all query heads), the SDPA output and its log-sum-exp; SwiGLU saves gate,
-    up, sigmoid(gate), silu(gate) and the product (5·d_ff; relu²: 2·d_ff). qk_norm adds q, k and their
-    1/rms. Autocast adds a few cast copies (~3·d). Attention that materialises the T x T scores (the
-    from-scratch `attn_impl = "diy"`, or SDPA with dropout on CPU, where no fused kernel does dropout)
-    saves 3-4 score-sized tensors per head: that term grows with the context length.
+    One block: each RMSNorm saves 1/rms and the normalised input in float32 (its training fast path,
+    model/fast_paths.py), and its output goes on as the next matmul's input (in the compute dtype);
+    attention saves q, k and v (k/v expanded to all query heads), the SDPA output and its log-sum-exp;
+    SwiGLU saves gate, up, silu(gate) and the product (4·d_ff; relu²: 2·d_ff). qk_norm adds the
+    normalised q, k and their 1/rms. Autocast adds a few cast copies (~3·d). Attention that materialises
+    the T x T scores (the from-scratch `attn_impl = "diy"`, or SDPA with dropout on CPU, where no fused
+    kernel does dropout) saves 3-4 score-sized tensors per head: that term grows with the context length.
     The head saves the final norm, the logits (float32, the cross-entropy upcasts) and their
     exponentials (8·vocab bytes), plus the soft-capped logits when logit_softcap is on; its backward
     holds two float32 logit-sized gradients at once (`head_backward`), a block's backward the gradients
     of its two widest tensors (`block_backward`, 2·d_ff).
     """
     d, kv, h, a = c.d_model, c.num_kv_heads * c.head_dim, c.num_heads, act_bytes
-    norm = (2 * d + 1) * 4 + d * a  # x, 1/rms, x·(1/rms) in float32; the weighted output (next matmul's input)
+    norm = (d + 1) * 4 + d * a  # 1/rms and x·(1/rms) in float32; the weighted output (next matmul's input)
     attention = 4 * d * a + 4 * h  # q, k, v (expanded), output; log-sum-exp per head (float32)
     if c.qk_norm:
         attention += 4 * (d + kv + h + c.num_kv_heads)
@@ -92,7 +92,7 @@ def activation_bytes_per_token(c: DIYConfig, act_bytes: int, seq_len: int, math_
         attention += 3 * h * seq_len * a  # scores, softmax, probabilities before @ v
     elif math_attention and c.dropout > 0:
         attention += 14 * h * seq_len - 4 * h  # math SDPA: scores, softmax, dropout mask, dropped probs
-    ffn = (2 if c.mlp == "relu2" else 5) * c.d_ff * a
+    ffn = (2 if c.mlp == "relu2" else 4) * c.d_ff * a
     casts = 3 * d * a if a < 4 else 0
     block = 2 * norm + attention + ffn + casts
     head = norm + 8 * c.vocab_size + 17 + (c.vocab_size * a if c.logit_softcap else 0)
