@@ -161,13 +161,11 @@ class CausalSelfAttention(nn.Module):
         # Grouped-query attention: every query head reads its group's k/v head. SDPA can do that in
         # place (torch >= 2.5); used when decoding, where copying the whole cache per step is the cost.
         gqa_in_sdpa = Hkv != H and kv_cache is not None and self.attn_impl == "sdpa" and _SDPA_HAS_GQA
-        if T == 1 and attn_mask is not None and torch.compiler.is_compiling() and x.device.type == "cpu":
-            # The compiled decode step (generation/compiled.py) reads the whole static cache under a mask;
-            # CPU SDPA takes a slow masked path for that (143 us per call at 512 bf16 columns), while the
-            # formula written out fuses into a few of inductor's loops (and groups heads without a copy).
-            y = grouped_decode_attention(q, k, v, attn_mask)
-            return self.output_proj(y.transpose(1, 2).reshape(B, T, H * D))
-        if Hkv != H and not gqa_in_sdpa:
+        # The compiled decode step (generation/compiled.py) reads the whole static cache under a mask;
+        # CPU SDPA takes a slow masked path for that (143 us per call at 512 bf16 columns), while the
+        # formula written out fuses into a few of inductor's loops (and groups heads without a copy).
+        grouped_decode = T == 1 and attn_mask is not None and torch.compiler.is_compiling() and x.device.type == "cpu"
+        if Hkv != H and not (gqa_in_sdpa or grouped_decode):
             k = k.repeat_interleave(H // Hkv, dim=1)
             v = v.repeat_interleave(H // Hkv, dim=1)
 
@@ -177,7 +175,9 @@ class CausalSelfAttention(nn.Module):
         if is_causal and k.shape[2] != T:  # several new tokens after cached ones: causal, offset
             mask, is_causal = causal_mask(T, k.shape[2], x.device), False
         dropout_p = self.dropout if self.training else 0.0
-        if self.attn_impl == "sdpa":
+        if grouped_decode:
+            y = grouped_decode_attention(q, k, v, attn_mask)
+        elif self.attn_impl == "sdpa":
             if gqa_in_sdpa:
                 y = F.scaled_dot_product_attention(q, k, v, mask, dropout_p, is_causal, enable_gqa=True)
             else:
