@@ -169,7 +169,7 @@ def bench(cfg: DIYConfig, args) -> dict[str, float]:
         if "hf" in tps:
             print(f"  compiled / HF generate: {tps['compiled'] / tps['hf']:.2f}x (target >= 3x)")
         if "int8+comp" in tps:
-            q_bytes = weight_bytes_per_token(quantized_copy(model, "int8"))
+            q_bytes = weight_bytes_per_token(quantized_copy(model))
             q_bound = bw / q_bytes
             print(f"  int8 weights (bf16 activations): {q_bytes / 1e6:.1f} MB per token, bound {q_bound:.0f} tokens/s; "
                   f"compiled int8 reaches {100 * tps['int8+comp'] / q_bound:.0f}% (target >= 50%)")

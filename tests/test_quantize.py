@@ -62,11 +62,11 @@ def test_quantized_copy_is_close_and_the_original_is_untouched(model):
 
 
 def test_the_copy_is_remade_when_the_weights_change(model):
-    first = quantized_copy(model, "int8")
-    assert quantized_copy(model, "int8") is first  # cached: quantized once
+    first = quantized_copy(model)
+    assert quantized_copy(model) is first  # cached: quantized once
     with torch.no_grad():
         model.layers[0].ffn.w1.weight.mul_(1.0)  # an in-place update, like an optimizer step
-    again = quantized_copy(model, "int8")
+    again = quantized_copy(model)
     assert again is not first
 
 

@@ -17,6 +17,7 @@ from collections.abc import Iterable
 from typing import Any, TextIO
 
 from diyllm.errors import UserError
+from diyllm.model.quantize import QUANTIZE_CHOICES
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -30,7 +31,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--repetition_penalty", type=float, default=1.0)
     parser.add_argument("--seed", type=int, default=None)
     parser.add_argument("--compile", action="store_true", help="static KV cache + torch.compile'd decode step")
-    parser.add_argument("--quantize", choices=("none", "int8"), default="none",
+    parser.add_argument("--quantize", choices=QUANTIZE_CHOICES, default="none",
                         help="int8: int8 weights, bfloat16 activations (faster decoding on CPU)")
     parser.add_argument("--device", default="auto")
 

@@ -21,6 +21,7 @@ import warnings
 import torch
 
 from diyllm.errors import UserError
+from diyllm.model.quantize import QUANTIZE_CHOICES
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -37,7 +38,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--no_cache", action="store_true", help="re-run the whole prefix each step (reference)")
     parser.add_argument("--compile", action="store_true",
                         help="static KV cache + torch.compile'd decode step (one-off compile, then faster)")
-    parser.add_argument("--quantize", choices=("none", "int8"), default="none",
+    parser.add_argument("--quantize", choices=QUANTIZE_CHOICES, default="none",
                         help="int8: decode with int8 weights and bfloat16 activations (CPU: ~4x less to read "
                              "per token; combine with --compile)")
     parser.add_argument("--context", choices=("slide", "stop"), default="slide",

@@ -76,8 +76,8 @@ def iter_steps(
     params = SamplingParams.from_options(params, **options)
     if max_new_tokens <= 0:
         return
-    if params.quantize != "none":  # decode with the int8 copy (made once per weights' version)
-        model = quantized_copy(model, params.quantize)
+    if params.quantize == "int8":  # decode with the int8 copy (made once per weights' version)
+        model = quantized_copy(model)
     was_training = model.training
     model.eval()
     try:
@@ -96,7 +96,7 @@ def iter_steps(
 _QUANTIZED: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
 
 
-def quantized_copy(model: nn.Module, kind: str) -> nn.Module:
+def quantized_copy(model: nn.Module) -> nn.Module:
     """The int8 copy of `model` for decoding, remade when its weights changed (an optimizer step or a
     load bumps every tensor's version counter) so that generation never runs stale weights."""
     versions = tuple(p._version for p in model.parameters())
