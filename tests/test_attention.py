@@ -84,6 +84,30 @@ def test_apply_rotary_handles_any_memory_layout_and_a_shared_rotation():
                                rope_complex_reference(x, positions, 10000.0), atol=0.05, rtol=0.02)
 
 
+def real_form_rotary(x, cos, sin):
+    x_even, x_odd = x[..., 0::2], x[..., 1::2]
+    return torch.stack((x_even * cos - x_odd * sin, x_even * sin + x_odd * cos), dim=-1).flatten(-2)
+
+
+def test_pair_rotation_backward_equals_the_real_forms_and_finite_differences():
+    from diyllm.model.rope import PairRotation
+
+    rope = RotaryEmbedding(theta=10000.0, d_k=64, max_seq_len=256)
+    cos, sin = (t.unsqueeze(-2) for t in rope.cos_sin(None, 256))  # (T, 1, D/2), as the model shares them
+    x64 = torch.randn(2, 6, 3, 8, dtype=torch.float64, requires_grad=True)
+    rot64 = torch.complex(cos[:6].double(), sin[:6].double())[:, :, :4]
+    assert torch.autograd.gradcheck(lambda a: PairRotation.apply(a, rot64), (x64,))
+    # bench_train.py's medium layout (B, T, heads, D), with the strided gradient attention hands back
+    x = torch.randn(16, 256, 6, 64, requires_grad=True)
+    grad = torch.randn(16, 6, 256, 64).transpose(1, 2)
+    apply_rotary(x, cos, sin, torch.complex(cos, sin)).backward(grad)
+    x_ref = x.detach().clone().requires_grad_()
+    real_form_rotary(x_ref, cos, sin).backward(grad)
+    torch.testing.assert_close(x.grad, x_ref.grad)
+    with torch.no_grad():  # no backward to record: the plain complex multiply, same numbers
+        torch.testing.assert_close(apply_rotary(x, cos, sin), real_form_rotary(x, cos, sin))
+
+
 def test_rope_preserves_norm_and_makes_scores_relative():
     rope = RotaryEmbedding(500.0, 8, 100)
     q, k = torch.randn(8), torch.randn(8)

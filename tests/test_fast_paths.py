@@ -1,4 +1,5 @@
-"""Fast paths equal their plain formulas: RMSNorm's hand-written backward, SwiGLU's F.silu gate."""
+"""Fast paths equal their plain formulas: RMSNorm's hand-written backward, SwiGLU's F.silu gate, the
+fused cross-entropy."""
 
 from __future__ import annotations
 
@@ -8,6 +9,7 @@ import torch.nn.functional as F
 
 from diyllm.model.fast_paths import RMSNormFunction, rms_norm_fast, use_fast_path
 from diyllm.model.layers import RMSNorm, rms_normalize, silu
+from diyllm.model.loss import fused_cross_entropy, plain_cross_entropy
 
 
 def plain_rms_norm(x, weight, eps):
@@ -108,3 +110,49 @@ def test_grouped_decode_attention_equals_sdpa(heads, kv_heads):
     want = F.scaled_dot_product_attention(q, k.repeat_interleave(heads // kv_heads, 1),
                                           v.repeat_interleave(heads // kv_heads, 1), mask)
     torch.testing.assert_close(grouped_decode_attention(q, k, v, mask), want)
+
+
+@pytest.mark.parametrize("reduction", ["mean", "sum", "none"])
+@pytest.mark.parametrize("masking", ["none", "ignore_index", "loss_mask", "nothing_counts"])
+def test_fused_cross_entropy_equals_the_written_out_formula(reduction, masking):
+    torch.manual_seed(0)
+    logits64 = torch.randn(16, 256, 65, dtype=torch.float64) * 4  # bench_train.py's medium shape, vocab 65
+    targets = torch.randint(0, 65, (16, 256))
+    loss_mask = None
+    if masking == "ignore_index":
+        targets[:, :100] = -100
+    elif masking == "loss_mask":
+        loss_mask = (torch.rand(16, 256) > 0.3).long()
+    elif masking == "nothing_counts":
+        targets[:] = -100
+
+    def run(fn, dtype):
+        logits = logits64.detach().to(dtype, copy=True).requires_grad_()
+        loss = fn(logits, targets, -100, loss_mask, reduction)
+        (loss * torch.linspace(0.5, 1.5, loss.numel()).view(loss.shape).to(dtype)).sum().backward()
+        return loss.detach().double(), logits.grad.double()
+
+    exact = run(plain_cross_entropy, torch.float64)
+    for name, e, p, f in zip(("loss", "dlogits"), exact, run(plain_cross_entropy, torch.float32),
+                             run(fused_cross_entropy, torch.float32)):
+        assert torch.isfinite(f).all(), name
+        scale = e.abs().max().clamp(min=1e-30)
+        plain_err, fast_err = ((p - e).abs().max() / scale).item(), ((f - e).abs().max() / scale).item()
+        assert fast_err < max(4 * plain_err, 1e-6), (name, fast_err, plain_err)
+    if masking == "nothing_counts":
+        assert exact[0].abs().max() == 0 and exact[1].abs().max() == 0  # 0, never NaN
+
+
+def test_cross_entropy_takes_the_fused_path_in_eager_and_the_formula_under_compile(monkeypatch):
+    import diyllm.model.loss as loss_module
+
+    calls = []
+    monkeypatch.setattr(loss_module, "fused_cross_entropy", lambda *a: calls.append("fused") or plain_cross_entropy(*a))
+    logits, targets = torch.randn(2, 3, 5), torch.randint(0, 5, (2, 3))
+    loss_module.cross_entropy(logits, targets)
+    assert calls == ["fused"]
+    monkeypatch.setattr(torch.compiler, "is_compiling", lambda: True)
+    loss_module.cross_entropy(logits, targets)
+    assert calls == ["fused"]  # the written-out formula ran, as inductor gets it
+    with pytest.raises(ValueError, match="reduction"):
+        loss_module.cross_entropy(logits, targets, reduction="avg")

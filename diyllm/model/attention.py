@@ -140,13 +140,14 @@ class CausalSelfAttention(nn.Module):
             rotary = rotary_for(self.rope, positions, T, kv_cache.length if kv_cache is not None else 0)
         wqkv = fused_weight(self)
         if wqkv is not None:
-            qkv = (x @ wqkv.t()).view(B, T, H + 2 * Hkv, D)
-            qk, v = qkv[:, :, : H + Hkv], qkv[:, :, H + Hkv :]
+            # split, not slicing: its backward writes the parts' gradients side by side in one cat,
+            # where each slice's backward would fill a zero tensor of the whole width, to be summed.
+            qk, v = (x @ wqkv.t()).view(B, T, H + 2 * Hkv, D).split([H + Hkv, Hkv], dim=2)
             if self.qk_norm:  # per head, before RoPE (a rotation keeps the norm anyway)
                 qk = rms_normalize(qk)
             if rotary is not None:  # q and k side by side: one rotation for both
                 qk = apply_rotary(qk, *rotary)
-            q, k = qk[:, :, :H], qk[:, :, H:]
+            q, k = qk.split([H, Hkv], dim=2)
         else:
             q, k = self.q_proj(x).view(B, T, H, D), self.k_proj(x).view(B, T, Hkv, D)
             v = self.v_proj(x).view(B, T, Hkv, D)
