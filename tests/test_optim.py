@@ -53,7 +53,7 @@ def test_fused_kernel_stays_within_rounding_of_the_written_out_step_at_model_sha
             for m, f in zip(models, (True, False, True))]
     x = torch.randint(0, 65, (4, 64))
     kernel, calls = torch._fused_adamw_, [0, 0, 0]
-    for step in range(50):
+    for _ in range(50):
         for i, (m, o) in enumerate(zip(models, opts)):
             def counted(*args, i=i, **kwargs):
                 calls[i] += 1
