@@ -16,7 +16,7 @@ from torch import nn
 
 from diyllm.model.config import DIYConfig
 from diyllm.model.kv_cache import KVCache
-from diyllm.model.layers import Linear, fused_weight, rms_normalize
+from diyllm.model.layers import Linear, fused_projection, rms_normalize
 from diyllm.model.rope import RotaryEmbedding, apply_rotary
 
 # enable_gqa (query heads sharing k/v heads without copying them) arrived in torch 2.5.
@@ -99,6 +99,7 @@ class CausalSelfAttention(nn.Module):
     Grouped-query attention: with num_kv_heads < num_heads, each k/v head serves a group of
     num_heads/num_kv_heads query heads (smaller KV cache, same quality at scale).
     Rows of q/k/v_proj are laid out head by head: rows h·d_k … (h+1)·d_k−1 belong to head h.
+    In an int8 copy (model/quantize.py) q/k/v_proj are None and `stacked_proj` holds all three.
     """
 
     def __init__(self, config: DIYConfig, rope: RotaryEmbedding | None = None):
@@ -114,6 +115,7 @@ class CausalSelfAttention(nn.Module):
         self.output_proj = Linear(self.num_heads * self.head_dim, d)
         self.rope = rope
         self.frozen_fused: torch.Tensor | None = None  # set by frozen_fused_weights
+        self.stacked_proj: nn.Module | None = None  # q|k|v as one module, for good (int8 copies)
 
     def fused_parts(self) -> list[Linear]:
         return [self.q_proj, self.k_proj, self.v_proj]
@@ -138,9 +140,9 @@ class CausalSelfAttention(nn.Module):
         H, Hkv, D = self.num_heads, self.num_kv_heads, self.head_dim
         if rotary is None and self.rope is not None:
             rotary = rotary_for(self.rope, positions, T, kv_cache.length if kv_cache is not None else 0)
-        wqkv = fused_weight(self)
-        if wqkv is not None:
-            qkv = (x @ wqkv.t()).view(B, T, H + 2 * Hkv, D)
+        qkv = fused_projection(self, x)
+        if qkv is not None:
+            qkv = qkv.view(B, T, H + 2 * Hkv, D)
             qk, v = qkv[:, :, : H + Hkv], qkv[:, :, H + Hkv :]
             if self.qk_norm:  # per head, before RoPE (a rotation keeps the norm anyway)
                 qk = rms_normalize(qk)
