@@ -15,7 +15,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from diyllm.model.config import DIYConfig
-from diyllm.model.kv_cache import KVCache
+from diyllm.model.kv_cache import KVCache, StaticKVCache
 from diyllm.model.layers import Linear, fused_projection, rms_normalize
 from diyllm.model.rope import RotaryEmbedding, apply_rotary
 
@@ -132,7 +132,8 @@ class CausalSelfAttention(nn.Module):
         """x: (B, T, d_model). positions: (T,) or (B, T), default 0..T-1 after what the cache holds.
 
         attn_mask, when given, is the complete boolean mask (True = may attend), broadcastable to
-        (B, heads, T, keys); without it the mask is causal (offset by the cached tokens).
+        (B, heads, T, keys); without it the mask is causal (offset by the cached tokens). With a
+        StaticKVCache it may be narrower than the cache: it covers the first columns, the rest are not read.
         rotary: the RoPE angles of these tokens from `rotary_for`; the model looks them up once
         per forward for all its layers, a standalone attention module computes its own.
         """
@@ -160,10 +161,16 @@ class CausalSelfAttention(nn.Module):
 
         if kv_cache is not None:
             k, v = kv_cache.update(layer_idx, k, v)
+            if attn_mask is not None and isinstance(kv_cache, StaticKVCache):
+                # A static cache hands back its whole buffer; its caller's mask is only as wide as the
+                # columns that can be visible (generation/compiled.py), and the keys past it are not read.
+                # (narrow, not a slice: a slice's clamping to the buffer would make the compiled width a
+                # constant when it equals max_len)
+                k, v = k.narrow(2, 0, attn_mask.shape[-1]), v.narrow(2, 0, attn_mask.shape[-1])
         # Grouped-query attention: every query head reads its group's k/v head. SDPA can do that in
         # place (torch >= 2.5); used when decoding, where copying the whole cache per step is the cost.
         gqa_in_sdpa = Hkv != H and kv_cache is not None and self.attn_impl == "sdpa" and _SDPA_HAS_GQA
-        # The compiled decode step (generation/compiled.py) reads the whole static cache under a mask;
+        # The compiled decode step (generation/compiled.py) reads the static cache's span under a mask;
         # CPU SDPA takes a slow masked path for that (143 us per call at 512 bf16 columns), while the
         # formula written out fuses into a few of inductor's loops (and groups heads without a copy).
         grouped_decode = T == 1 and attn_mask is not None and torch.compiler.is_compiling() and x.device.type == "cpu"
