@@ -14,7 +14,7 @@ import warnings
 import pytest
 import torch
 
-from diyllm.generation import compiled
+from diyllm.generation import compiled, step_guards
 from diyllm.generation.generate import generate, iter_steps
 from diyllm.model import DIYConfig, DIYForCausalLM
 from diyllm.model.kv_cache import StaticKVCache
@@ -145,3 +145,29 @@ def test_sample_cli_compile_flag(tiny_char_checkpoint, capsys, monkeypatch):
     assert "compile unavailable, eager" in err and "no compiler (test)" in err
     assert main(["sample", "--ckpt", str(path), "--compile", "--no_cache"]) == 2
     assert "--no_cache" in capsys.readouterr().err
+
+
+@pytest.mark.skipif(compiled.compile_unavailable_reason(torch.device("cpu")) is not None,
+                    reason="no C++ compiler for inductor")
+@pytest.mark.skipif(not step_guards.CAN_SKIP_MODEL_GUARDS, reason="this torch keeps Dynamo's guards on the model")
+def test_models_share_a_graph_only_while_their_structure_matches(model):
+    """The CPU step drops Dynamo's per-call guards on the model and the cache and compares a structural
+    signature once per generation instead (generation/step_guards.py). A second model of the same shape
+    runs the same graph with its own weights and gets its own tokens, weights changed in place are used
+    as they are, and a model changed in place gets a graph of its own."""
+    generate(model, PROMPTS, 2, temperature=0, compile=True)  # the fixture model's graph exists
+    torch._dynamo.utils.counters.clear()
+    torch.manual_seed(3)
+    other = DIYForCausalLM(model.config).eval()  # same shape, other weights
+    with torch.no_grad():
+        other.lm_head.weight.mul_(8)
+    ours = generate(other, PROMPTS, 12, temperature=0, compile=True)
+    assert ours == generate(other, PROMPTS, 12, temperature=0) != generate(model, PROMPTS, 12, temperature=0)
+    assert torch._dynamo.utils.counters["stats"]["unique_graphs"] == 0  # no new graph: the shape's one
+    with torch.no_grad():
+        other.lm_head.weight.neg_()  # an in-place update, as an optimizer step makes
+    assert generate(other, PROMPTS, 12, temperature=0, compile=True) == generate(other, PROMPTS, 12, temperature=0)
+    other.layers[1].attn.qk_norm = True  # same tensors, another computation
+    changed = generate(other, PROMPTS, 12, temperature=0, compile=True)
+    assert changed == generate(other, PROMPTS, 12, temperature=0)
+    assert torch._dynamo.utils.counters["stats"]["unique_graphs"] == 1  # compiled for the new structure

@@ -18,7 +18,8 @@ The compiled step is kept per (model, batch size, dtype, device) for the life of
 (reported once, `compile_seconds`) is paid by the first generation only. Where compiling cannot work
 (no C++ compiler, an old torch, an unsupported op) decoding falls back to the eager step with one warning.
 `decode_compiled` is the entry point a server can call directly (it yields `DecodeStep`s like
-`iter_steps`).
+`iter_steps`). On CPU the step skips Dynamo's per-call checks of the model and checks a structural
+signature once per generation instead (generation/step_guards.py).
 """
 
 from __future__ import annotations
@@ -31,6 +32,7 @@ from collections.abc import Iterator
 import torch
 from torch import nn
 
+from diyllm.generation import step_guards
 from diyllm.generation.sampling import SamplingParams, TokenPicker
 from diyllm.generation.steps import decode_steps, left_padded_prompts
 from diyllm.model.kv_cache import StaticKVCache
@@ -92,14 +94,23 @@ class StaticDecoder:
         self.full_span = self.device.type == "cuda"  # a CUDA graph replays one shape: always all max_len
         self.last_span = 0  # columns the latest step read (for tests and curious readers)
         self.step_fn = _step
+        self.signature: tuple | None = None  # set where a compiled step relies on it (CPU)
         if compile:
             reason = compile_unavailable_reason(self.device)
             if reason:
                 _warn_once(f"compiled decoding unavailable ({reason}); decoding eagerly")
             else:
-                self._compile()
+                self._compile(model, batch_size)
 
-    def _compile(self) -> None:
+    def fits(self, model: nn.Module) -> bool:
+        """Whether `model` still has the structure this decoder's step was compiled for."""
+        return self.signature is None or self.signature == step_guards.structure_signature(model)
+
+    def _compile(self, model: nn.Module, batch_size: int) -> None:
+        if self.device.type == "cpu" and step_guards.CAN_SKIP_MODEL_GUARDS:  # one graph per structure
+            self.signature = step_guards.structure_signature(model)
+            self.step_fn = step_guards.shared_step(_step, (batch_size, self.signature))
+            return
         mark = getattr(getattr(torch, "_dynamo", None), "mark_static_address", None)
         if mark is not None:  # fixed addresses: CUDA graphs read them in place instead of copying
             for t in [*self.cache.tensors(), self.tokens, self.positions]:
@@ -162,12 +173,14 @@ class StaticDecoder:
         return out.logits[:, -1]
 
 
-def decoder_for(model: nn.Module, batch_size: int, compile: bool = True) -> StaticDecoder:
-    """The process-wide StaticDecoder of `model` for this batch size (built, and compiled, once)."""
+def decoder_for(model: nn.Module, batch_size: int, compile: bool = True, check: bool = False) -> StaticDecoder:
+    """The process-wide StaticDecoder of `model` for this batch size (built, and compiled, once).
+    check=True (once per generation, where the model is set up as in the last one): build it again if
+    the model's structure changed since its step was compiled (generation/step_guards.py)."""
     per_model = _DECODERS.setdefault(model, {})
     param = next(model.parameters())
     key = (batch_size, param.dtype, param.device, compile)
-    if key not in per_model:
+    if key not in per_model or (check and not per_model[key].fits(model)):
         per_model[key] = StaticDecoder(model, batch_size, compile=compile)
     return per_model[key]
 
@@ -187,7 +200,7 @@ def decode_compiled(model: nn.Module, prompts: list[list[int]], max_new_tokens: 
     `context="stop"` behave exactly as in the eager loop. compile=False runs the same static-cache loop
     eagerly (what the fallback does)."""
     context = params.context
-    dec = decoder_for(model, len(prompts), compile)
+    dec = decoder_for(model, len(prompts), compile, check=True)
     device, ctx = dec.device, dec.max_len
     seq, real, L = left_padded_prompts(prompts, max_new_tokens, ctx, context, device)
     keep = max(1, ctx - ctx // 4)
