@@ -175,8 +175,9 @@ class StaticDecoder:
 
 def decoder_for(model: nn.Module, batch_size: int, compile: bool = True, check: bool = False) -> StaticDecoder:
     """The process-wide StaticDecoder of `model` for this batch size (built, and compiled, once).
-    check=True (once per generation, where the model is set up as in the last one): build it again if
-    the model's structure changed since its step was compiled (generation/step_guards.py)."""
+    check=True (decode_compiled, once per generation, with the model set up for generation as every
+    time, e.g. frozen_fused_weights' stacks in place): build it again if the model's structure changed
+    since its step was compiled (generation/step_guards.py)."""
     per_model = _DECODERS.setdefault(model, {})
     param = next(model.parameters())
     key = (batch_size, param.dtype, param.device, compile)

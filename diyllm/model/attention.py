@@ -164,8 +164,7 @@ class CausalSelfAttention(nn.Module):
             if attn_mask is not None and isinstance(kv_cache, StaticKVCache):
                 # A static cache hands back its whole buffer; its caller's mask is only as wide as the
                 # columns that can be visible (generation/compiled.py), and the keys past it are not read.
-                # (narrow, not a slice: a slice's clamping to the buffer would make the compiled width a
-                # constant when it equals max_len)
+                # (narrow: exactly that many columns, no clamping to the buffer for the compiler to guard on)
                 k, v = k.narrow(2, 0, attn_mask.shape[-1]), v.narrow(2, 0, attn_mask.shape[-1])
         # Grouped-query attention: every query head reads its group's k/v head. SDPA can do that in
         # place (torch >= 2.5); used when decoding, where copying the whole cache per step is the cost.
