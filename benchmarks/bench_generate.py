@@ -129,7 +129,9 @@ def bench(cfg: DIYConfig, args) -> dict[str, float]:
     if args.int8:
         generate(model, prompt, 8, temperature=0, quantize="int8")
         if args.compile:
-            generate(model, prompt, 8, temperature=0, quantize="int8", compile=True)
+            first = timed(lambda: generate(model, prompt, 8, temperature=0, quantize="int8", compile=True))
+            took = compile_seconds(quantized_copy(model))
+            print(f"int8 compile: {took if took is not None else float('nan'):.1f}s (first compiled call {first:.1f}s)")
     times: dict[str, list[float]] = {"cache": [], "no cache": [], "hf": [], "compiled": [], "int8": [],
                                      "int8+comp": []}
     for r in range(args.rounds):

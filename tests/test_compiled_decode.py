@@ -1,8 +1,10 @@
 """Compiled decoding (generation/compiled.py) gives the eager cached path's tokens: greedy, batched and
 left-padded rows, top-k/top-p sampling with a seed, through a sliding window; falls back with one warning.
 
-One model and one batch size throughout, so the module pays for exactly one compile (the expensive part
-on a 2-core CPU); every other check reuses the compiled step.
+One model and one batch size nearly throughout, so the module pays for two compiles (the expensive
+part on a 2-core CPU; the second for batch 1 on a second model); every other check reuses the
+compiled step. Spans are multiples of 8 here (64 by default), so that on this 32-column cache every
+check also runs through the narrowed spans 16..32.
 """
 
 from __future__ import annotations
@@ -12,12 +14,17 @@ import warnings
 import pytest
 import torch
 
-from diyllm.generation import compiled
+from diyllm.generation import compiled, step_guards
 from diyllm.generation.generate import generate, iter_steps
 from diyllm.model import DIYConfig, DIYForCausalLM
 from diyllm.model.kv_cache import StaticKVCache
 
 PROMPTS = [[5, 17, 3, 9, 44], [1, 2, 3, 4, 5, 6, 7, 8, 9]]  # different lengths: left padding
+
+
+@pytest.fixture(autouse=True)
+def narrow_spans(monkeypatch):
+    monkeypatch.setattr(compiled, "SPAN_MULTIPLE", 8)
 
 
 @pytest.fixture(scope="module")
@@ -51,7 +58,50 @@ def test_compiled_decoding_gives_the_eager_tokens(model):
         assert ours == generate(model, PROMPTS, 20, temperature=0.9, seed=7, **kw), kw
     stopped = generate(model, PROMPTS, 20, temperature=0, stop_ids=[steps_e[3].tokens[0].item()], compile=True)
     assert len(stopped[0]) <= 3
-    assert torch._dynamo.utils.counters["stats"]["unique_graphs"] == 1  # compiled once, reused by every call
+    # compiled once, reused by every call and every span width (the span is a dynamic size)
+    assert torch._dynamo.utils.counters["stats"]["unique_graphs"] == 1
+
+
+@pytest.mark.skipif(compiled.compile_unavailable_reason(torch.device("cpu")) is not None,
+                    reason="no C++ compiler for inductor")
+def test_one_graph_for_every_span_at_batch_size_one():
+    """Batch 1 is the common case and a layout of its own: a (1, span) view of the visible mask counts as
+    contiguous whatever its row stride, which must not become a size to guard on (with one query per
+    k/v head it did: a second graph when the span reached max_len). 40 new tokens fill the 32-column
+    cache and slide. A second model (no grouped heads), so this is the module's second compile."""
+    torch.manual_seed(1)
+    cfg = DIYConfig(vocab_size=61, context_length=32, d_model=64, num_layers=2, num_heads=4, d_ff=128)
+    mha = DIYForCausalLM(cfg).eval()
+    torch._dynamo.utils.counters.clear()
+    prompt = PROMPTS[1]
+    assert generate(mha, prompt, 40, temperature=0, compile=True) == generate(mha, prompt, 40, temperature=0)
+    assert compiled.decoder_for(mha, 1).last_span == 32
+    assert torch._dynamo.utils.counters["stats"]["unique_graphs"] == 1
+
+
+@pytest.mark.skipif(compiled.compile_unavailable_reason(torch.device("cpu")) is not None,
+                    reason="no C++ compiler for inductor")
+def test_the_cpu_step_reads_only_the_filled_span(model):
+    """Early in a generation the step's attention covers fewer than max_len cache columns, and it never
+    reads past them: NaN in those columns changes no logit, where a masked NaN that was read would
+    (masked scores get probability 0, but 0·NaN is NaN in probs @ v)."""
+    want = list(iter_steps(model, PROMPTS, 4, temperature=0))
+    generate(model, PROMPTS, 2, temperature=0, compile=True)  # the compiled step exists (compiled by now)
+    dec = compiled.decoder_for(model, len(PROMPTS))
+    try:
+        with torch.inference_mode():  # the cache was made in inference mode
+            # prompt 9 columns + 3 decode steps at columns 9..11: spans of 16 (a multiple of 8) of 32
+            dec.cache.k[..., 16:, :] = float("nan")
+            dec.cache.v[..., 16:, :] = float("nan")
+        got = list(iter_steps(model, PROMPTS, 4, temperature=0, compile=True))
+        assert dec.last_span == 16 < dec.max_len == 32
+    finally:
+        with torch.inference_mode():
+            dec.cache.k.zero_()
+            dec.cache.v.zero_()
+    for c, e in zip(got, want, strict=True):
+        torch.testing.assert_close(c.logits, e.logits, rtol=1e-4, atol=1e-4)
+        assert torch.equal(c.tokens, e.tokens)
 
 
 def test_eager_fallback_warns_once_and_gives_the_same_tokens(model, monkeypatch):
@@ -77,6 +127,7 @@ def test_static_cache_writes_the_given_columns_and_keeps_its_tensors():
     assert k_all.shape == (1, 2, 8, 4) and torch.equal(k_all[:, :, 5:6], k) and torch.equal(v_all[:, :, 5:6], -k)
     assert cache.k[0].abs().sum() == 0 and cache.k[1, :, :, :5].abs().sum() == 0
     assert [t.data_ptr() for t in cache.tensors()] == before and cache.length == 0
+    assert cache.k.shape[3] == 9  # one spare column, never returned: no span's view is the whole buffer
 
 
 def test_sample_cli_compile_flag(tiny_char_checkpoint, capsys, monkeypatch):
@@ -94,3 +145,29 @@ def test_sample_cli_compile_flag(tiny_char_checkpoint, capsys, monkeypatch):
     assert "compile unavailable, eager" in err and "no compiler (test)" in err
     assert main(["sample", "--ckpt", str(path), "--compile", "--no_cache"]) == 2
     assert "--no_cache" in capsys.readouterr().err
+
+
+@pytest.mark.skipif(compiled.compile_unavailable_reason(torch.device("cpu")) is not None,
+                    reason="no C++ compiler for inductor")
+@pytest.mark.skipif(not step_guards.CAN_SKIP_MODEL_GUARDS, reason="this torch keeps Dynamo's guards on the model")
+def test_models_share_a_graph_only_while_their_structure_matches(model):
+    """The CPU step drops Dynamo's per-call guards on the model and the cache and compares a structural
+    signature once per generation instead (generation/step_guards.py). A second model of the same shape
+    runs the same graph with its own weights and gets its own tokens, weights changed in place are used
+    as they are, and a model changed in place gets a graph of its own."""
+    generate(model, PROMPTS, 2, temperature=0, compile=True)  # the fixture model's graph exists
+    torch._dynamo.utils.counters.clear()
+    torch.manual_seed(3)
+    other = DIYForCausalLM(model.config).eval()  # same shape, other weights
+    with torch.no_grad():
+        other.lm_head.weight.mul_(8)
+    ours = generate(other, PROMPTS, 12, temperature=0, compile=True)
+    assert ours == generate(other, PROMPTS, 12, temperature=0) != generate(model, PROMPTS, 12, temperature=0)
+    assert torch._dynamo.utils.counters["stats"]["unique_graphs"] == 0  # no new graph: the shape's one
+    with torch.no_grad():
+        other.lm_head.weight.neg_()  # an in-place update, as an optimizer step makes
+    assert generate(other, PROMPTS, 12, temperature=0, compile=True) == generate(other, PROMPTS, 12, temperature=0)
+    other.layers[1].attn.qk_norm = True  # same tensors, another computation
+    changed = generate(other, PROMPTS, 12, temperature=0, compile=True)
+    assert changed == generate(other, PROMPTS, 12, temperature=0)
+    assert torch._dynamo.utils.counters["stats"]["unique_graphs"] == 1  # compiled for the new structure

@@ -51,7 +51,7 @@ def test_the_int8_kernel_equals_the_dequantized_matmul(in_features):
 def test_quantized_copy_is_close_and_the_original_is_untouched(model):
     q = quantize_int8(model)
     assert is_quantized(q) and not is_quantized(model)
-    assert all(isinstance(m, Int8Linear) for m in (q.lm_head, q.layers[0].attn.q_proj, q.layers[1].ffn.w2))
+    assert all(isinstance(m, Int8Linear) for m in (q.lm_head, q.layers[0].attn.stacked_proj, q.layers[1].ffn.w2))
     assert isinstance(model.lm_head, Linear) and model.lm_head.weight.dtype == torch.float32
     assert q.token_embeddings.weight.dtype == torch.bfloat16 and q.rope.cos.dtype == torch.float32
     ids = torch.randint(0, 97, (2, 40))
@@ -59,6 +59,30 @@ def test_quantized_copy_is_close_and_the_original_is_untouched(model):
         want, got = model(ids).logits, q(ids).logits.float()
     assert ((got - want).abs().max() / want.abs().max()) < 0.03
     assert (got.argmax(-1) == want.argmax(-1)).float().mean() > 0.9
+
+
+def test_stacked_projections_give_the_separate_int8_matmuls_logits_exactly(model):
+    """q|k|v and w1|w3 as one Int8Linear each: per-row quantization gives each row the same int8 values
+    and scale either way, and the kernel's sum for one output row does not depend on the other rows, so
+    the logits are bit for bit the unstacked copy's. Each int8 byte is held once, and the float model's
+    state_dict keys are untouched."""
+    keys = list(model.state_dict())
+    stacked, separate = quantize_int8(model), quantize_int8(model, stack=False)
+    attn, ffn = stacked.layers[0].attn, stacked.layers[0].ffn
+    assert attn.q_proj is None and attn.stacked_proj.out_features == 128 + 2 * 64  # 4 query heads, 2 kv heads
+    assert ffn.w1 is None and ffn.w3 is None and ffn.stacked_proj.out_features == 2 * 344
+    assert separate.layers[0].attn.stacked_proj is None and isinstance(separate.layers[0].attn.q_proj, Int8Linear)
+    int8_calls = [m for m in stacked.modules() if isinstance(m, Int8Linear)]
+    assert len(int8_calls) == 2 * 4 + 1  # per layer: qkv, output, w13, w2; plus the head (unstacked: 2 * 7 + 1)
+
+    def nbytes(m):
+        return sum(t.numel() * t.element_size() for t in m.buffers())
+
+    assert nbytes(stacked) == nbytes(separate)
+    ids = torch.randint(0, 97, (2, 40))
+    with torch.no_grad():
+        assert torch.equal(stacked(ids).logits, separate(ids).logits)
+    assert list(model.state_dict()) == keys and model.layers[0].attn.stacked_proj is None
 
 
 def test_the_copy_is_remade_when_the_weights_change(model):

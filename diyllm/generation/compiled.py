@@ -1,12 +1,16 @@
-"""Compiled decoding: a static KV cache and one fixed-shape decode step, compiled once per process.
+"""Compiled decoding: a static KV cache and one decode step, compiled once per process.
 
 A cached decode step of a small model is a few hundred tiny ops; in eager mode each costs launch and
 Python overhead, far more than reading the weights. Here the step `model(token, positions, mask,
-StaticKVCache)` always sees the same shapes (attention reads the whole preallocated cache; a boolean
-mask hides unused columns), so `torch.compile` builds it once: on CPU inductor emits fused C++ loops, on
-CUDA `mode="reduce-overhead"` replays it as a CUDA graph. The prompt ("prefill", a different shape each
-time) runs eagerly into the same cache. Sampling (temperature, top-k, top-p, repetition penalty) runs on
-the device after the step, with the same functions as the eager path, so the two give the same tokens.
+StaticKVCache)` writes into one preallocated cache whose tensors never change shape or address, so
+`torch.compile` builds it once: on CPU inductor emits fused C++ loops, on CUDA `mode="reduce-overhead"`
+replays it as a CUDA graph. A boolean mask hides the cache's unused columns. On CUDA attention reads all
+of them (a graph replays fixed shapes); on CPU the mask, and so attention, covers only the leading
+`span` columns that can be visible, a dimension compiled as dynamic (one graph for every width): early
+in a generation most of the cache is unfilled, and reading it was a quarter of an int8 step's time.
+The prompt ("prefill", a different shape each time) runs eagerly into the same cache. Sampling
+(temperature, top-k, top-p, repetition penalty) runs on the device after the step, with the same
+functions as the eager path, so the two give the same tokens.
 
     generate(model, ids, 200, temperature=0, compile=True)      # or: diyllm sample --compile
 
@@ -14,7 +18,8 @@ The compiled step is kept per (model, batch size, dtype, device) for the life of
 (reported once, `compile_seconds`) is paid by the first generation only. Where compiling cannot work
 (no C++ compiler, an old torch, an unsupported op) decoding falls back to the eager step with one warning.
 `decode_compiled` is the entry point a server can call directly (it yields `DecodeStep`s like
-`iter_steps`).
+`iter_steps`). On CPU the step skips Dynamo's per-call checks of the model and checks a structural
+signature once per generation instead (generation/step_guards.py).
 """
 
 from __future__ import annotations
@@ -27,6 +32,7 @@ from collections.abc import Iterator
 import torch
 from torch import nn
 
+from diyllm.generation import step_guards
 from diyllm.generation.sampling import SamplingParams, TokenPicker
 from diyllm.generation.steps import decode_steps, left_padded_prompts
 from diyllm.model.kv_cache import StaticKVCache
@@ -34,6 +40,10 @@ from diyllm.model.kv_cache import StaticKVCache
 # model -> {(batch, dtype): StaticDecoder}; weak, so a dropped model frees its caches and graphs.
 _DECODERS: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
 _WARNED: set[str] = set()
+# The CPU step reads the cache columns up to the newest token, rounded up to a multiple of this. The
+# graph does not care (the span is a dynamic size); 1, 16 and 64 measured the same within noise on
+# benchmarks/bench_generate.py's medium shape, and 16 keeps the attention loops in whole vector blocks.
+SPAN_MULTIPLE = 16
 
 
 class CompiledDecodeWarning(RuntimeWarning):
@@ -46,10 +56,12 @@ def _warn_once(msg: str) -> None:
         warnings.warn(CompiledDecodeWarning(msg), stacklevel=3)
 
 
-def _step(model: nn.Module, cache: StaticKVCache, tokens: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
+def _step(model: nn.Module, cache: StaticKVCache, tokens: torch.Tensor, positions: torch.Tensor,
+          visible: torch.Tensor) -> torch.Tensor:
     """One decode step: logits (B, V) of the token after `tokens` (B, 1), which sit at `positions`
-    (B, 1) and are written to cache column `cache.index`. The function that gets compiled."""
-    mask = cache.visible[:, None, None, :]  # (B, 1, 1, max_len): broadcast over heads and the one query
+    (B, 1) and are written to cache column `cache.index`. `visible` (B, span): the cache's first `span`
+    columns of `cache.visible`; attention reads no further. The function that gets compiled."""
+    mask = visible[:, None, None, :]  # (B, 1, 1, span): broadcast over heads and the one query
     return model(tokens, positions=positions, attn_mask=mask, kv_cache=cache, last_logits_only=True).logits[:, -1]
 
 
@@ -79,48 +91,79 @@ class StaticDecoder:
         self.tokens = torch.zeros(batch_size, 1, dtype=torch.long, device=self.device)
         self.positions = torch.zeros(batch_size, 1, dtype=torch.long, device=self.device)
         self.compile_seconds: float | None = None  # set by the first compiled step
+        self.full_span = self.device.type == "cuda"  # a CUDA graph replays one shape: always all max_len
+        self.last_span = 0  # columns the latest step read (for tests and curious readers)
         self.step_fn = _step
+        self.signature: tuple | None = None  # set where a compiled step relies on it (CPU)
         if compile:
             reason = compile_unavailable_reason(self.device)
             if reason:
                 _warn_once(f"compiled decoding unavailable ({reason}); decoding eagerly")
             else:
-                self._compile()
+                self._compile(model, batch_size)
 
-    def _compile(self) -> None:
+    def fits(self, model: nn.Module) -> bool:
+        """Whether `model` still has the structure this decoder's step was compiled for."""
+        return self.signature is None or self.signature == step_guards.structure_signature(model)
+
+    def _compile(self, model: nn.Module, batch_size: int) -> None:
+        if self.device.type == "cpu" and step_guards.CAN_SKIP_MODEL_GUARDS:  # one graph per structure
+            self.signature = step_guards.structure_signature(model)
+            self.step_fn = step_guards.shared_step(_step, (batch_size, self.signature))
+            return
         mark = getattr(getattr(torch, "_dynamo", None), "mark_static_address", None)
         if mark is not None:  # fixed addresses: CUDA graphs read them in place instead of copying
             for t in [*self.cache.tensors(), self.tokens, self.positions]:
                 mark(t)
         mode = "reduce-overhead" if self.device.type == "cuda" else None
+        # dynamic=False: every size is static except the one `step` marks dynamic (the CPU span). CUDA
+        # keeps the full static span on purpose: its CUDA graphs would be re-recorded for every new width.
         self.step_fn = torch.compile(_step, mode=mode, dynamic=False, fullgraph=True)
 
-    def step(self, model: nn.Module) -> torch.Tensor:
-        """Run the decode step of `model` on self.tokens/self.positions at column self.decode_index."""
+    def span(self, column: int) -> int:
+        """How many leading cache columns the step writing `column` reads: every column that can be
+        visible (0..column), rounded up to a multiple of SPAN_MULTIPLE, at most max_len; on CUDA always
+        max_len (a new width would record a new CUDA graph)."""
+        if self.full_span:
+            return self.max_len
+        return min(self.max_len, -(-(column + 1) // SPAN_MULTIPLE) * SPAN_MULTIPLE)
+
+    def step(self, model: nn.Module, column: int) -> torch.Tensor:
+        """Run the decode step of `model` on self.tokens/self.positions, writing cache column `column`
+        (self.decode_index holds it too, as a tensor for the graph)."""
+        self.last_span = self.span(column)
+        visible = self.cache.visible[:, : self.last_span]
+        if not self.full_span:  # one graph for every span width, not a recompile per width
+            # a fresh (B, span) copy, a few hundred bytes: the view's row stride (max_len) would be one more
+            # size to guard on (.contiguous() keeps it when B == 1)
+            visible = visible.clone(memory_format=torch.contiguous_format)
+            torch._dynamo.mark_dynamic(visible, 1, min=2, max=self.max_len)
+        args = (model, self.cache, self.tokens, self.positions, visible)
         if self.compile_seconds is None and self.step_fn is not _step:
             start = time.perf_counter()
             try:
-                logits = self.step_fn(model, self.cache, self.tokens, self.positions)
+                logits = self.step_fn(*args)
             except Exception as exc:  # inductor/dynamo failures vary widely: fall back, say so once
                 _warn_once(f"compiled decoding failed ({type(exc).__name__}: {str(exc).splitlines()[0][:200]}); "
                            "decoding eagerly")
                 self.step_fn = _step
-                return _step(model, self.cache, self.tokens, self.positions)
+                return _step(*args)
             self.compile_seconds = time.perf_counter() - start
             return logits
-        return self.step_fn(model, self.cache, self.tokens, self.positions)
+        return self.step_fn(*args)
 
     def prefill(self, model: nn.Module, ids: torch.Tensor, real: torch.Tensor) -> torch.Tensor:
         """Eager forward of `ids` (B, T) into cache columns 0..T-1; `real` (B, T) marks non-padding.
-        Returns the last position's logits and leaves self.positions at each row's next position."""
+        Returns the last position's logits and leaves self.positions at each row's next position.
+        The mask is T columns wide: attention reads only the prompt's part of the cache."""
         B, T = ids.shape
         cache = self.cache
         cache.reset()
         positions = (real.long().cumsum(dim=1) - 1).clamp_(min=0)
         cache.visible[:, :T] = real
-        causal = torch.ones(T, self.max_len, dtype=torch.bool, device=self.device).tril_()
-        mask = causal[None] & cache.visible[:, None, :]
-        mask[:, :, :T] |= torch.eye(T, dtype=torch.bool, device=self.device)  # a padding query sees itself
+        causal = torch.ones(T, T, dtype=torch.bool, device=self.device).tril_()
+        mask = causal[None] & cache.visible[:, None, :T]
+        mask |= torch.eye(T, dtype=torch.bool, device=self.device)  # a padding query sees itself
         cache.index = torch.arange(T, device=self.device)
         try:
             out = model(ids, positions=positions, attn_mask=mask[:, None], kv_cache=cache, last_logits_only=True)
@@ -130,12 +173,15 @@ class StaticDecoder:
         return out.logits[:, -1]
 
 
-def decoder_for(model: nn.Module, batch_size: int, compile: bool = True) -> StaticDecoder:
-    """The process-wide StaticDecoder of `model` for this batch size (built, and compiled, once)."""
+def decoder_for(model: nn.Module, batch_size: int, compile: bool = True, check: bool = False) -> StaticDecoder:
+    """The process-wide StaticDecoder of `model` for this batch size (built, and compiled, once).
+    check=True (decode_compiled, once per generation, with the model set up for generation as every
+    time, e.g. frozen_fused_weights' stacks in place): build it again if the model's structure changed
+    since its step was compiled (generation/step_guards.py)."""
     per_model = _DECODERS.setdefault(model, {})
     param = next(model.parameters())
     key = (batch_size, param.dtype, param.device, compile)
-    if key not in per_model:
+    if key not in per_model or (check and not per_model[key].fits(model)):
         per_model[key] = StaticDecoder(model, batch_size, compile=compile)
     return per_model[key]
 
@@ -155,7 +201,7 @@ def decode_compiled(model: nn.Module, prompts: list[list[int]], max_new_tokens: 
     `context="stop"` behave exactly as in the eager loop. compile=False runs the same static-cache loop
     eagerly (what the fallback does)."""
     context = params.context
-    dec = decoder_for(model, len(prompts), compile)
+    dec = decoder_for(model, len(prompts), compile, check=True)
     device, ctx = dec.device, dec.max_len
     seq, real, L = left_padded_prompts(prompts, max_new_tokens, ctx, context, device)
     keep = max(1, ctx - ctx // 4)
@@ -174,7 +220,7 @@ def decode_compiled(model: nn.Module, prompts: list[list[int]], max_new_tokens: 
         dec.tokens.copy_(tok[:, None])
         dec.decode_index.fill_(column)
         dec.cache.visible[:, column] = True
-        logits = dec.step(model).clone()  # a CUDA graph's output is overwritten by its next replay
+        logits = dec.step(model, column).clone()  # a CUDA graph's output is overwritten by its next replay
         dec.positions.add_(1)
         column += 1
         return logits

@@ -15,8 +15,8 @@ import torch.nn.functional as F
 from torch import nn
 
 from diyllm.model.config import DIYConfig
-from diyllm.model.kv_cache import KVCache
-from diyllm.model.layers import Linear, fused_weight, rms_normalize
+from diyllm.model.kv_cache import KVCache, StaticKVCache
+from diyllm.model.layers import Linear, fused_projection, rms_normalize
 from diyllm.model.rope import RotaryEmbedding, apply_rotary
 
 # enable_gqa (query heads sharing k/v heads without copying them) arrived in torch 2.5.
@@ -99,6 +99,7 @@ class CausalSelfAttention(nn.Module):
     Grouped-query attention: with num_kv_heads < num_heads, each k/v head serves a group of
     num_heads/num_kv_heads query heads (smaller KV cache, same quality at scale).
     Rows of q/k/v_proj are laid out head by head: rows h·d_k … (h+1)·d_k−1 belong to head h.
+    In an int8 copy (model/quantize.py) q/k/v_proj are None and `stacked_proj` holds all three.
     """
 
     def __init__(self, config: DIYConfig, rope: RotaryEmbedding | None = None):
@@ -114,6 +115,7 @@ class CausalSelfAttention(nn.Module):
         self.output_proj = Linear(self.num_heads * self.head_dim, d)
         self.rope = rope
         self.frozen_fused: torch.Tensor | None = None  # set by frozen_fused_weights
+        self.stacked_proj: nn.Module | None = None  # q|k|v as one module, for good (int8 copies)
 
     def fused_parts(self) -> list[Linear]:
         return [self.q_proj, self.k_proj, self.v_proj]
@@ -130,7 +132,8 @@ class CausalSelfAttention(nn.Module):
         """x: (B, T, d_model). positions: (T,) or (B, T), default 0..T-1 after what the cache holds.
 
         attn_mask, when given, is the complete boolean mask (True = may attend), broadcastable to
-        (B, heads, T, keys); without it the mask is causal (offset by the cached tokens).
+        (B, heads, T, keys); without it the mask is causal (offset by the cached tokens). With a
+        StaticKVCache it may be narrower than the cache: it covers the first columns, the rest are not read.
         rotary: the RoPE angles of these tokens from `rotary_for`; the model looks them up once
         per forward for all its layers, a standalone attention module computes its own.
         """
@@ -138,11 +141,11 @@ class CausalSelfAttention(nn.Module):
         H, Hkv, D = self.num_heads, self.num_kv_heads, self.head_dim
         if rotary is None and self.rope is not None:
             rotary = rotary_for(self.rope, positions, T, kv_cache.length if kv_cache is not None else 0)
-        wqkv = fused_weight(self)
-        if wqkv is not None:
+        qkv = fused_projection(self, x)
+        if qkv is not None:
             # split, not slicing: its backward writes the parts' gradients side by side in one cat,
             # where each slice's backward would fill a zero tensor of the whole width, to be summed.
-            qk, v = (x @ wqkv.t()).view(B, T, H + 2 * Hkv, D).split([H + Hkv, Hkv], dim=2)
+            qk, v = qkv.view(B, T, H + 2 * Hkv, D).split([H + Hkv, Hkv], dim=2)
             if self.qk_norm:  # per head, before RoPE (a rotation keeps the norm anyway)
                 qk = rms_normalize(qk)
             if rotary is not None:  # q and k side by side: one rotation for both
@@ -159,10 +162,15 @@ class CausalSelfAttention(nn.Module):
 
         if kv_cache is not None:
             k, v = kv_cache.update(layer_idx, k, v)
+            if attn_mask is not None and isinstance(kv_cache, StaticKVCache):
+                # A static cache hands back its whole buffer; its caller's mask is only as wide as the
+                # columns that can be visible (generation/compiled.py), and the keys past it are not read.
+                # (narrow: exactly that many columns, no clamping to the buffer for the compiler to guard on)
+                k, v = k.narrow(2, 0, attn_mask.shape[-1]), v.narrow(2, 0, attn_mask.shape[-1])
         # Grouped-query attention: every query head reads its group's k/v head. SDPA can do that in
         # place (torch >= 2.5); used when decoding, where copying the whole cache per step is the cost.
         gqa_in_sdpa = Hkv != H and kv_cache is not None and self.attn_impl == "sdpa" and _SDPA_HAS_GQA
-        # The compiled decode step (generation/compiled.py) reads the whole static cache under a mask;
+        # The compiled decode step (generation/compiled.py) reads the static cache's span under a mask;
         # CPU SDPA takes a slow masked path for that (143 us per call at 512 bf16 columns), while the
         # formula written out fuses into a few of inductor's loops (and groups heads without a copy).
         grouped_decode = T == 1 and attn_mask is not None and torch.compiler.is_compiling() and x.device.type == "cpu"

@@ -69,18 +69,32 @@ class StaticKVCache(KVBuffers):
     """A KV cache whose every tensor keeps one shape and one address, for a compiled decode step.
 
     `KVCache` returns a growing slice of its buffers, so each decode step has new shapes (a compiled
-    graph would be rebuilt, or made dynamic). Here attention always reads the whole (max_len) buffer and
-    the caller says, in tensors, which columns to write (`index`), which are visible (`visible`, (B,
-    max_len) bool) and the RoPE positions; the Python object never changes between steps. `length`
+    graph would be rebuilt, or made dynamic). Here `update` returns the whole (max_len) buffer and the
+    caller says, in tensors, which columns to write (`index`), which are visible (`visible`, (B,
+    max_len) bool) and the RoPE positions; the Python object never changes between steps. Attention
+    reads as many leading columns as the caller's mask is wide (all max_len, or the filled span). `length`
     stays 0 and `advance` does nothing: the model's host-side bookkeeping is not used (the caller passes
     positions and the attention mask explicitly, which the model requires with this cache).
     """
 
     length = 0
 
-    def __init__(self, *args, **kwargs):
-        super().__init__(*args, **kwargs)
-        device = self.k.device
+    def __init__(
+        self,
+        num_layers: int,
+        batch_size: int,
+        num_kv_heads: int,
+        head_dim: int,
+        max_len: int,
+        device: torch.device | str = "cpu",
+        dtype: torch.dtype = torch.float32,
+    ):
+        # One spare column past max_len, never written or read. A compiled step whose span (the columns
+        # it reads) is a dynamic size would otherwise see, at span == max_len, a view that is the whole
+        # buffer: torch's matmul and reshape check for contiguous inputs, and that check would pin the
+        # span to a constant (a recompile, or an error). With the spare column no span view is contiguous.
+        super().__init__(num_layers, batch_size, num_kv_heads, head_dim, max_len + 1, device, dtype)
+        self.max_len = max_len
         self.index = torch.zeros(1, dtype=torch.long, device=device)  # the column(s) the next forward writes
         self.visible = torch.zeros(self.batch_size, self.max_len, dtype=torch.bool, device=device)
 
@@ -89,11 +103,13 @@ class StaticKVCache(KVBuffers):
         return [self.k, self.v, self.index, self.visible]
 
     def update(self, layer_idx: int, k: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """Write k/v (B, Hkv, T, D) at columns `index` (T of them); return the whole buffers."""
+        """Write k/v (B, Hkv, T, D) at columns `index` (T of them); return all max_len columns."""
         k_all, v_all = self._k_layers[layer_idx], self._v_layers[layer_idx]
         k_all.index_copy_(2, self.index, k)
         v_all.index_copy_(2, self.index, v)
-        return k_all, v_all
+        # narrowed after the write: a compiled graph writes out of place, and only a view of the
+        # written buffer keeps the spare column's stride
+        return k_all.narrow(2, 0, self.max_len), v_all.narrow(2, 0, self.max_len)
 
     def advance(self, num_tokens: int) -> None:
         """Nothing to count on the host: the caller moves `index` and `visible`."""

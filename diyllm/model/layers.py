@@ -134,14 +134,16 @@ def silu(x: torch.Tensor) -> torch.Tensor:
 class SwiGLU(nn.Module):
     """Gated feed-forward: w2(silu(w1 x) ⊙ w3 x). The gate w3 lets each unit scale its own output.
 
-    w1 and w3 may run as one matmul on their stacked weights (`fused`, see `fused_weight`); the
-    parameters and state_dict keys are the same either way.
+    w1 and w3 may run as one matmul on their stacked weights (`fused`, see `fused_projection`); the
+    parameters and state_dict keys are the same either way. In an int8 copy (model/quantize.py) w1 and
+    w3 are None and `stacked_proj` holds both.
     """
 
     def __init__(self, d_model: int, d_ff: int, fused: bool | None = None, device=None, dtype=None):
         super().__init__()
         self.fused = fused
         self.frozen_fused: torch.Tensor | None = None  # set by frozen_fused_weights
+        self.stacked_proj: nn.Module | None = None  # w1|w3 as one module, for good (int8 copies)
         self.w1 = Linear(d_model, d_ff, device=device, dtype=dtype)
         self.w2 = Linear(d_ff, d_model, device=device, dtype=dtype)
         self.w3 = Linear(d_model, d_ff, device=device, dtype=dtype)
@@ -150,9 +152,9 @@ class SwiGLU(nn.Module):
         return [self.w1, self.w3]
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        w13 = fused_weight(self)
-        if w13 is not None:
-            gate, up = (x @ w13.t()).chunk(2, dim=-1)
+        h13 = fused_projection(self, x)
+        if h13 is not None:
+            gate, up = h13.chunk(2, dim=-1)
         else:
             gate, up = self.w1(x), self.w3(x)
         # F.silu is `silu` below as one kernel, with a one-kernel backward (tests/test_fast_paths.py):
@@ -194,6 +196,20 @@ def fused_weight(module: nn.Module) -> torch.Tensor | None:
     if module.fused is None and module.fused_parts()[0].weight.device.type == "cpu":
         return None
     return stacked_weight(module)
+
+
+def fused_projection(module: nn.Module, x: torch.Tensor) -> torch.Tensor | None:
+    """x through all of `module.fused_parts()` in one matmul (their outputs side by side, in order), or
+    None when the parts run one by one.
+
+    Two ways to get there: `module.stacked_proj`, a module that holds the stacked weight for good (the
+    int8 copy of model/quantize.py, where stacking saves kernel calls and costs no copy per call), or
+    the float weights stacked as `fused_weight` decides.
+    """
+    if module.stacked_proj is not None:
+        return module.stacked_proj(x)
+    w = fused_weight(module)
+    return None if w is None else x @ w.t()
 
 
 def stacked_weight(module: nn.Module) -> torch.Tensor:
