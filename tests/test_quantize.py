@@ -61,6 +61,28 @@ def test_quantized_copy_is_close_and_the_original_is_untouched(model):
     assert (got.argmax(-1) == want.argmax(-1)).float().mean() > 0.9
 
 
+def test_lora_adapters_are_merged_into_the_quantized_weights(model):
+    """A LoRA-wrapped model quantizes as its merged model would: the adapters are not dropped."""
+    import copy
+
+    from diyllm.model.lora import apply_lora, has_lora, merge_lora
+
+    tuned = copy.deepcopy(model)
+    apply_lora(tuned, rank=4, alpha=8)
+    with torch.no_grad():
+        for name, p in tuned.named_parameters():
+            if name.endswith("lora_B"):
+                p.normal_(0, 0.3)  # adapters that move the logits well beyond int8's rounding
+    merged = merge_lora(copy.deepcopy(tuned))
+    ids = torch.randint(0, 97, (2, 40))
+    q = quantize_int8(tuned)
+    assert has_lora(tuned) and not has_lora(q)  # the wrapped original stays as it was
+    with torch.no_grad():
+        got, want, base = q(ids).logits.float(), merged(ids).logits, model(ids).logits
+    assert (want - base).abs().max() > 10 * (got - want).abs().max()  # close to merged, far from the base
+    assert ((got - want).abs().max() / want.abs().max()) < 0.03
+
+
 def test_stacked_projections_give_the_separate_int8_matmuls_logits_exactly(model):
     """q|k|v and w1|w3 as one Int8Linear each: per-row quantization gives each row the same int8 values
     and scale either way, and the kernel's sum for one output row does not depend on the other rows, so

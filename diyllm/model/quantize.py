@@ -26,6 +26,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from diyllm.model.layers import Linear, stacked_weight
+from diyllm.model.lora import has_lora, merge_lora
 from diyllm.model.rope import RotaryEmbedding
 
 QUANTIZE_CHOICES = ("none", "int8")
@@ -71,6 +72,8 @@ def quantize_int8(model: nn.Module, act_dtype: torch.dtype = torch.bfloat16, sta
     stack=True gives q|k|v and w1|w3 one Int8Linear each (`stack_int8_parts`): the same numbers in
     fewer kernel calls. stack=False keeps one per matrix (what the tests compare against)."""
     quantized = copy.deepcopy(model).eval()
+    if has_lora(quantized):  # adapters first: folded into W (+ s·BA), then quantized
+        merge_lora(quantized)
     for module in list(quantized.modules()):
         if hasattr(module, "fused_parts"):
             module.fused = False  # never stack the float weights: they are about to be int8
@@ -95,7 +98,8 @@ def stack_int8_parts(module: nn.Module, act_dtype: torch.dtype) -> None:
     quantized alone or stacked with others: x through the stack is the separate int8 matmuls' outputs
     side by side, in one kernel call instead of three (q|k|v) or two (w1|w3). A decode step of the
     6-layer benchmark shape makes 25 calls instead of 43. The parts become None, so the copy holds
-    each int8 weight once. Parts that are not plain Linear layers (LoRA) are left as they are."""
+    each int8 weight once. Parts that are not plain Linear layers are left as they are (`quantize_int8`
+    has merged any LoRA adapters already)."""
     parts = module.fused_parts()
     if not all(type(part) is Linear for part in parts):
         return
