@@ -4,6 +4,7 @@
     python benchmarks/bench_train.py --rounds 9 --steps 5
     python benchmarks/bench_train.py --compile       # also both models under torch.compile (needs a C compiler)
     NANOGPT_SRC=~/src/nanoGPT python benchmarks/bench_train.py   # also nanoGPT's GPT (model.py of a checkout)
+    python benchmarks/bench_train.py --op-times --shapes small   # where a step's time goes, aten op by op
 
 One training step = forward + backward + global grad-norm clip at 1.0 + optimizer step + zero_grad.
 With NANOGPT_SRC (a nanoGPT checkout, never vendored) its model.py's GPT joins on the same shapes (its own
@@ -101,6 +102,34 @@ def nanogpt_step_fn(shape: dict, src: str):
     return step, sum(p.numel() for p in model.parameters())
 
 
+def op_times(step, x, y, n: int = 2, top: int = 25) -> None:
+    """Print the wall time of each aten op kind over `n` steps (the profiler inflates small CPU ops several
+    times over; a dispatch mode that times each call around the kernel does not)."""
+    from collections import Counter
+
+    from torch.utils._python_dispatch import TorchDispatchMode
+
+    class Timer(TorchDispatchMode):
+        def __init__(self):
+            super().__init__()
+            self.seconds, self.calls = Counter(), Counter()
+
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            start = time.perf_counter()
+            out = func(*args, **(kwargs or {}))
+            name = str(func.overloadpacket)
+            self.seconds[name] += time.perf_counter() - start
+            self.calls[name] += 1
+            return out
+
+    with Timer() as timer:
+        for _ in range(n):
+            step(x, y)
+    print(f"    ops: {sum(timer.seconds.values()) / n * 1e3:.2f} ms/step in {sum(timer.calls.values()) / n:.0f} calls")
+    for name, sec in timer.seconds.most_common(top):
+        print(f"      {name:<58} {sec / n * 1e3:9.3f} ms  {timer.calls[name] / n:6.0f} calls")
+
+
 def time_steps(step, x, y, n: int) -> float:
     t = time.perf_counter()
     for _ in range(n):
@@ -108,7 +137,7 @@ def time_steps(step, x, y, n: int) -> float:
     return (time.perf_counter() - t) / n
 
 
-def bench(name: str, shape: dict, rounds: int, steps: int, compile: bool = False) -> float:
+def bench(name: str, shape: dict, rounds: int, steps: int, compile: bool = False, op_table: bool = False) -> float:
     torch.manual_seed(0)
     x = torch.randint(0, VOCAB, (shape["batch"], shape["context"]))
     y = torch.roll(x, -1, dims=1)
@@ -119,6 +148,11 @@ def bench(name: str, shape: dict, rounds: int, steps: int, compile: bool = False
         runners |= {"diyllm+compile": diy_step_fn(shape, compile=True), "hf+compile": hf_step_fn(shape, compile=True)}
     for step, _ in runners.values():  # warm-up: allocator, kernels, optimizer state (and compilation)
         time_steps(step, x, y, 3)
+    if op_table:
+        for key, (step, _) in runners.items():
+            if "compile" not in key:  # a compiled graph runs its own kernels, unseen by the dispatcher
+                print(f"\n[{name}] {key}, per op:")
+                op_times(step, x, y)
     times: dict[str, list[float]] = {k: [] for k in runners}
     for _ in range(rounds):
         for key, (step, _) in runners.items():
@@ -148,6 +182,8 @@ def main() -> None:
     parser.add_argument("--shapes", nargs="+", default=list(SHAPES), choices=list(SHAPES))
     parser.add_argument("--threads", type=int, default=0, help="torch threads (0: torch's default)")
     parser.add_argument("--compile", action="store_true", help="also time both models under torch.compile")
+    parser.add_argument("--op-times", action="store_true",
+                        help="also print each contender's time per aten op (a dispatch mode times every call)")
     parser.add_argument("--default-malloc", action="store_true",
                         help="leave glibc malloc as it is (diyllm train sets keep_freed_memory on CPU)")
     args = parser.parse_args()
@@ -162,7 +198,8 @@ def main() -> None:
     print(f"torch {torch.__version__}, transformers {transformers.__version__}, float32 CPU, "
           f"{torch.get_num_threads()} threads, malloc: {malloc}; {args.rounds} interleaved rounds of "
           f"{args.steps} steps")
-    ratios = {name: bench(name, SHAPES[name], args.rounds, args.steps, args.compile) for name in args.shapes}
+    ratios = {name: bench(name, SHAPES[name], args.rounds, args.steps, args.compile, args.op_times)
+              for name in args.shapes}
     print("\nsummary, diyllm / HF: " + ", ".join(f"{k} {v:.2f}x" for k, v in ratios.items()))
 
 
