@@ -13,6 +13,8 @@ class KVBuffers:
     """The storage both caches share: one (num_layers, B, Hkv, max_len, D) buffer each for keys and values,
     with per-layer views, so a step writes with one op per tensor; `for_model` sizes it from a model."""
 
+    spare_columns = 0  # allocated past max_len, never written or read (StaticKVCache needs one)
+
     def __init__(
         self,
         num_layers: int,
@@ -23,7 +25,7 @@ class KVBuffers:
         device: torch.device | str = "cpu",
         dtype: torch.dtype = torch.float32,
     ):
-        shape = (num_layers, batch_size, num_kv_heads, max_len, head_dim)
+        shape = (num_layers, batch_size, num_kv_heads, max_len + self.spare_columns, head_dim)
         self.k = torch.zeros(shape, device=device, dtype=dtype)
         self.v = torch.zeros(shape, device=device, dtype=dtype)
         self._k_layers, self._v_layers = self.k.unbind(0), self.v.unbind(0)
@@ -78,23 +80,15 @@ class StaticKVCache(KVBuffers):
     """
 
     length = 0
+    # One spare column past max_len, never written or read. A compiled step whose span (the columns
+    # it reads) is a dynamic size would otherwise see, at span == max_len, a view that is the whole
+    # buffer: torch's matmul and reshape check for contiguous inputs, and that check would pin the
+    # span to a constant (a recompile, or an error). With the spare column no span view is contiguous.
+    spare_columns = 1
 
-    def __init__(
-        self,
-        num_layers: int,
-        batch_size: int,
-        num_kv_heads: int,
-        head_dim: int,
-        max_len: int,
-        device: torch.device | str = "cpu",
-        dtype: torch.dtype = torch.float32,
-    ):
-        # One spare column past max_len, never written or read. A compiled step whose span (the columns
-        # it reads) is a dynamic size would otherwise see, at span == max_len, a view that is the whole
-        # buffer: torch's matmul and reshape check for contiguous inputs, and that check would pin the
-        # span to a constant (a recompile, or an error). With the spare column no span view is contiguous.
-        super().__init__(num_layers, batch_size, num_kv_heads, head_dim, max_len + 1, device, dtype)
-        self.max_len = max_len
+    def __init__(self, *args, **kwargs):
+        super().__init__(*args, **kwargs)
+        device = self.k.device
         self.index = torch.zeros(1, dtype=torch.long, device=device)  # the column(s) the next forward writes
         self.visible = torch.zeros(self.batch_size, self.max_len, dtype=torch.bool, device=device)
 

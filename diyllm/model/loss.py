@@ -38,13 +38,8 @@ def cross_entropy(
     return fused_cross_entropy(logits, targets, ignore_index, loss_mask, reduction)
 
 
-def plain_cross_entropy(
-    logits: torch.Tensor,
-    targets: torch.Tensor,
-    ignore_index: int = -100,
-    loss_mask: torch.Tensor | None = None,
-    reduction: str = "mean",
-) -> torch.Tensor:
+def plain_cross_entropy(logits: torch.Tensor, targets: torch.Tensor, ignore_index: int,
+                        loss_mask: torch.Tensor | None, reduction: str) -> torch.Tensor:
     """The formula of `cross_entropy`, op by op (float32/64 logits)."""
     valid = targets != ignore_index
     if loss_mask is not None:
@@ -61,13 +56,8 @@ def plain_cross_entropy(
     return per_token.sum() / valid.sum().clamp(min=1)
 
 
-def fused_cross_entropy(
-    logits: torch.Tensor,
-    targets: torch.Tensor,
-    ignore_index: int = -100,
-    loss_mask: torch.Tensor | None = None,
-    reduction: str = "mean",
-) -> torch.Tensor:
+def fused_cross_entropy(logits: torch.Tensor, targets: torch.Tensor, ignore_index: int,
+                        loss_mask: torch.Tensor | None, reduction: str) -> torch.Tensor:
     """`cross_entropy` through F.cross_entropy (float32/64 logits): same arguments, same results.
 
     A masked-out token becomes an ignored target. The mean divides the sum by the number of counted
