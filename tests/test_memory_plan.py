@@ -84,7 +84,7 @@ def test_estimate_within_30_percent_of_measured_peak(case):
     est = estimate_memory(config, batch_size=batch, activation_checkpointing=checkpointed, device_type="cpu",
                           compute_dtype="bfloat16" if bf16 else "float32", accumulation_steps=accumulation)
     # The issue asks for +-30%; below is the harmful side (a run that does not fit), so allow only 10%.
-    # Measured on torch 2.13: 1.06-1.11 (the raw sum 0.96-1.00, the rest is the 10% workspace).
+    # Measured on torch 2.13: 1.06-1.16 (the raw sum 0.96-1.05, the rest is the 10% workspace).
     assert 0.9 * measured <= est.total <= 1.3 * measured, (est.total / measured, est.total, measured)
 
 

@@ -10,8 +10,8 @@ Training memory per rank is what is live at its peak:
   - FSDP's gathered weights: the one or two blocks whose full weights (and unsharded gradients) exist
     while they compute; all of them when `fsdp_reshard_after_forward = false`;
   - activations: what the forward pass saves for backward, per token and layer (counted tensor by
-    tensor from the model's code, see `activation_bytes_per_token`), plus the head's logits and their
-    exponentials (batch x context x vocab, often the largest single item) and the backward's
+    tensor from the model's code, see `activation_bytes_per_token`), plus the head's float32
+    log-probabilities (batch x context x vocab, often the largest single item) and the backward's
     temporaries. With activation checkpointing a block keeps only its input and recomputes the rest.
 Without gradient accumulation the gradients only appear as backward frees the activations, so the
 peak holds the larger of the two ("not live at the same time" in the table).
@@ -78,8 +78,9 @@ def activation_bytes_per_token(c: DIYConfig, act_bytes: int, seq_len: int, math_
     normalised q, k and their 1/rms. Autocast adds a few cast copies (~3·d). Attention that materialises
     the T x T scores (the from-scratch `attn_impl = "diy"`, or SDPA with dropout on CPU, where no fused
     kernel does dropout) saves 3-4 score-sized tensors per head: that term grows with the context length.
-    The head saves the final norm, the logits (float32, the cross-entropy upcasts) and their
-    exponentials (8·vocab bytes), plus the soft-capped logits when logit_softcap is on; its backward
+    The head saves the final norm and the float32 log-probabilities (4·vocab bytes: the cross-entropy
+    upcasts, and log_softmax's backward reads only its output), plus the soft-capped logits when
+    logit_softcap is on; its backward
     holds two float32 logit-sized gradients at once (`head_backward`), a block's backward the gradients
     of its two widest tensors (`block_backward`, 2·d_ff).
     """
@@ -95,7 +96,7 @@ def activation_bytes_per_token(c: DIYConfig, act_bytes: int, seq_len: int, math_
     ffn = (2 if c.mlp == "relu2" else 4) * c.d_ff * a
     casts = 3 * d * a if a < 4 else 0
     block = 2 * norm + attention + ffn + casts
-    head = norm + 8 * c.vocab_size + 17 + (c.vocab_size * a if c.logit_softcap else 0)
+    head = norm + 4 * c.vocab_size + 17 + (c.vocab_size * a if c.logit_softcap else 0)
     return {"block": block, "block_input": d * 4, "block_backward": 2 * c.d_ff * a, "head": head,
             "head_backward": 2 * c.vocab_size * 4}
 
