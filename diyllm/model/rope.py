@@ -56,7 +56,7 @@ def apply_rotary(
         # Eager fast path, same arithmetic: a pair (a, b) is the complex number a + ib, and rotating it by θ
         # is multiplying by cos θ + i sin θ. One complex multiply replaces slicing, four products and a
         # stack. Under torch.compile the real form below is better: inductor fuses it, but not complex ops.
-        if rotation is None or rotation.dtype != (torch.complex64 if x.dtype == torch.float32 else torch.complex128):
+        if rotation is None or rotation.dtype != x.dtype.to_complex():
             rotation = torch.complex(cos.to(x.dtype), sin.to(x.dtype))
         if torch.is_grad_enabled() and x.requires_grad:
             return PairRotation.apply(x, rotation)

@@ -31,6 +31,7 @@ import torch.distributed as dist
 from torch import nn
 
 from diyllm.errors import UserError
+from diyllm.training.optim import per_tensor_norms
 from diyllm.training.parallel import ParallelWrapper
 
 
@@ -156,7 +157,7 @@ def clip_grad_norm_sharded_(parameters: Iterable[torch.Tensor], max_norm: float,
         return torch.tensor(0.0)
     sharded = [g for g in grads if is_dtensor(g)]
     local = [g.to_local() if is_dtensor(g) else g for g in grads]
-    squares = torch.stack([torch.linalg.vector_norm(t.float()).square().to(local[0].device) for t in local]).sum()
+    squares = torch.stack([n.square().to(local[0].device) for n in per_tensor_norms(local)]).sum()
     if sharded:
         mesh, placements = sharded[0].device_mesh, sharded[0].placements
         comm = squares.to(mesh.device_type)

@@ -80,9 +80,8 @@ def activation_bytes_per_token(c: DIYConfig, act_bytes: int, seq_len: int, math_
     kernel does dropout) saves 3-4 score-sized tensors per head: that term grows with the context length.
     The head saves the final norm and the float32 log-probabilities (4·vocab bytes: the cross-entropy
     upcasts, and log_softmax's backward reads only its output), plus the soft-capped logits when
-    logit_softcap is on; its backward
-    holds two float32 logit-sized gradients at once (`head_backward`), a block's backward the gradients
-    of its two widest tensors (`block_backward`, 2·d_ff).
+    logit_softcap is on; its backward holds two float32 logit-sized gradients at once (`head_backward`),
+    a block's backward the gradients of its two widest tensors (`block_backward`, 2·d_ff).
     """
     d, kv, h, a = c.d_model, c.num_kv_heads * c.head_dim, c.num_heads, act_bytes
     norm = (d + 1) * 4 + d * a  # 1/rms and x·(1/rms) in float32; the weighted output (next matmul's input)

@@ -327,13 +327,18 @@ def per_tensor_norms(tensors: list[torch.Tensor]) -> list[torch.Tensor]:
         return [torch.linalg.vector_norm(t.float()) for t in tensors]
 
 
+def global_norm(tensors: list[torch.Tensor]) -> torch.Tensor:
+    """The L2 norm of all `tensors` together, as if flattened into one vector (float32)."""
+    return torch.linalg.vector_norm(torch.stack(per_tensor_norms(tensors)))
+
+
 def clip_grad_norm_(parameters: Iterable[torch.nn.Parameter], max_l2_norm: float, eps: float = 1e-6) -> torch.Tensor:
     """Scale all gradients together so their global L2 norm is at most max_l2_norm; return the norm
     before clipping. Clipping the *global* norm keeps the update's direction, only its length shrinks."""
     grads = [p.grad for p in parameters if p.grad is not None]
     if not grads:
         return torch.tensor(0.0)
-    total = torch.linalg.vector_norm(torch.stack(per_tensor_norms(grads)))
+    total = global_norm(grads)
     scale = (max_l2_norm / (total + eps)).clamp(max=1.0)
     torch._foreach_mul_(grads, scale.to(grads[0].device))
     return total

@@ -24,7 +24,7 @@ import torch
 from torch import nn
 
 from diyllm.training.distributed import DistInfo
-from diyllm.training.optim import clip_grad_norm_
+from diyllm.training.optim import clip_grad_norm_, global_norm
 
 
 class ParallelWrapper:
@@ -45,8 +45,7 @@ class ParallelWrapper:
         params = list(params)
         if max_norm > 0:
             return clip_grad_norm_(params, max_norm)
-        grads = [p.grad for p in params if p.grad is not None]
-        return torch.linalg.vector_norm(torch.stack([torch.linalg.vector_norm(g.float()) for g in grads]))
+        return global_norm([p.grad for p in params if p.grad is not None])
 
 
 SingleProcess = ParallelWrapper
