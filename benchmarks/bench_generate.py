@@ -12,8 +12,9 @@ contenders run interleaved round by round (the machine may be shared), and the m
   * cache speedup = diyllm with KV cache / diyllm without cache (target >= 5x)
   * vs HF          = diyllm with KV cache / transformers LlamaForCausalLM.generate(use_cache=True) (>= 1.5x)
   * compiled / HF  = generate(compile=True) (static KV cache, torch.compile'd step) / HF generate (>= 3x);
-                     also with quantize="int8" (int8 weights, bf16 activations: model/quantize.py), eager and
-                     compiled, against the same float32 HF generate
+                     also with quantize="int8" (int8 weights, bf16 activations: model/quantize.py) and
+                     quantize="w8a8" (int8 activations too), eager and compiled, against the same float32
+                     HF generate
   * % of bound     = compiled tok/s / (copy bandwidth / weight bytes per token): a decode step must read
                      every weight once (the embedding table: one row), so memory bandwidth caps tok/s
                      (target >= 50%). The bandwidth is measured here: a large tensor copy_, read + write.
@@ -132,8 +133,12 @@ def bench(cfg: DIYConfig, args) -> dict[str, float]:
             first = timed(lambda: generate(model, prompt, 8, temperature=0, quantize="int8", compile=True))
             took = compile_seconds(quantized_copy(model))
             print(f"int8 compile: {took if took is not None else float('nan'):.1f}s (first compiled call {first:.1f}s)")
+            generate(model, prompt, 8, temperature=0, quantize="w8a8")
+            first = timed(lambda: generate(model, prompt, 8, temperature=0, quantize="w8a8", compile=True))
+            took = compile_seconds(quantized_copy(model, "w8a8"))
+            print(f"w8a8 compile: {took if took is not None else float('nan'):.1f}s (first compiled call {first:.1f}s)")
     times: dict[str, list[float]] = {"cache": [], "no cache": [], "hf": [], "compiled": [], "int8": [],
-                                     "int8+comp": []}
+                                     "int8+comp": [], "w8a8": [], "w8a8+comp": []}
     for r in range(args.rounds):
         times["cache"].append(timed(lambda: ours(True)))
         if args.compile:
@@ -143,6 +148,9 @@ def bench(cfg: DIYConfig, args) -> dict[str, float]:
             if args.compile:
                 times["int8+comp"].append(timed(lambda: generate(model, prompt, args.new, temperature=0,
                                                                   quantize="int8", compile=True)))
+                times["w8a8"].append(timed(lambda: generate(model, prompt, args.new, temperature=0, quantize="w8a8")))
+                times["w8a8+comp"].append(timed(lambda: generate(model, prompt, args.new, temperature=0,
+                                                                  quantize="w8a8", compile=True)))
         if r < max(1, args.rounds // 2):  # the slow reference: fewer rounds are enough
             times["no cache"].append(timed(lambda: ours(False)))
         if hf is not None:
@@ -178,6 +186,12 @@ def bench(cfg: DIYConfig, args) -> dict[str, float]:
             if "hf" in tps:
                 print(f"  compiled int8 / HF generate (float32): {tps['int8+comp'] / tps['hf']:.2f}x (target >= 3x); "
                       f"eager int8 / HF: {tps['int8'] / tps['hf']:.2f}x")
+        if "w8a8+comp" in tps:  # the same bytes per token as int8 (the activations' scales are computed)
+            q_bound = tps["q_bound"] = bw / weight_bytes_per_token(quantized_copy(model, "w8a8"))
+            vs_hf = (f", {tps['w8a8+comp'] / tps['hf']:.2f}x HF generate; eager w8a8 / HF: "
+                     f"{tps['w8a8'] / tps['hf']:.2f}x") if "hf" in tps else ""
+            print(f"  w8a8 (int8 weights and activations): compiled reaches {100 * tps['w8a8+comp'] / q_bound:.0f}% "
+                  f"of the same bound (target >= 50%){vs_hf}")
         took = compile_seconds(model)
         saved = 1 / tps["cache"] - 1 / tps["compiled"]  # seconds saved per token vs the eager cached path
         if took is not None and saved > 0:
@@ -215,6 +229,9 @@ def main() -> None:
         if "compiled" in r:
             compiled = f", compiled {100 * r['compiled'] / r['bound']:.0f}% of bound"
             compiled += f" and {r['compiled'] / r['hf']:.2f}x HF" if "hf" in r else ""
+        if "w8a8+comp" in r:
+            compiled += f", compiled w8a8 {100 * r['w8a8+comp'] / r['q_bound']:.0f}% of its bound"
+            compiled += f" and {r['w8a8+comp'] / r['hf']:.2f}x HF" if "hf" in r else ""
         summary.append(f"{name}: cache {r['cache'] / r['no cache']:.1f}x{vs_hf}{compiled}")
     print("\nsummary: " + "; ".join(summary) + " (targets: cache >= 5x, vs HF >= 1.5x; compiled >= 3x HF, "
           ">= 50% of bound)")

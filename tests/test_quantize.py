@@ -1,6 +1,6 @@
-"""Weight-only int8 decoding (model/quantize.py): the rounding bound, the kernel equals the dequantized
-matmul, logits close to float32, compiled = eager tokens, and the copy never goes stale or touches the
-original model."""
+"""Int8 decoding (model/quantize.py): the rounding bound, the kernel equals the dequantized matmul, logits
+close to float32, compiled = eager tokens, and the copy never goes stale or touches the original model;
+the same for w8a8 (int8 activations too), whose int8 products must equal the integer formula exactly."""
 
 from __future__ import annotations
 
@@ -13,7 +13,15 @@ from diyllm.generation import compiled
 from diyllm.generation.generate import generate, iter_steps, quantized_copy
 from diyllm.model import DIYConfig, DIYForCausalLM
 from diyllm.model.layers import Linear
-from diyllm.model.quantize import HAS_INT8_MM, Int8Linear, is_quantized, quantize_int8
+from diyllm.model.quantize import (
+    HAS_INT8_MM,
+    HAS_INT_MM,
+    Int8Linear,
+    W8A8Linear,
+    is_quantized,
+    quantize_int8,
+    quantize_rows,
+)
 
 
 @pytest.fixture(scope="module")
@@ -151,3 +159,80 @@ def test_sample_cli_quantize_int8(tiny_char_checkpoint, capsys):
         main(["sample", "--ckpt", str(path), "--quantize", "int4"])
     assert exit_info.value.code == 2
     assert "invalid choice: 'int4'" in capsys.readouterr().err
+
+
+# ---- w8a8: int8 activations (per-row dynamic scales) ------------------------------------------------------------
+def test_activation_rounding_is_at_most_half_a_step_per_row():
+    torch.manual_seed(0)
+    x = torch.randn(6, 40) * torch.logspace(-3, 2, 6)[:, None]
+    q, s = quantize_rows(x)
+    assert q.dtype == torch.int8 and s.shape == (6, 1)
+    assert ((q.float() * s - x).abs() <= s / 2 + 1e-6 * s).all()
+    assert (q.abs().amax(dim=1) == 127).all()
+
+
+@pytest.mark.parametrize("in_features", [96, 344, 40])  # 344, 40: padded to the kernel's block of 16
+def test_w8a8_matmul_is_the_integer_formula_exactly_and_close_to_float(in_features):
+    """The int8·int8 sums are integers, so the kernel (torch._int_mm on CPU) must give exactly what the
+    same integers give in float64; and the whole product stays close to the float32 matmul."""
+    torch.manual_seed(0)
+    w = torch.randn(160, in_features)
+    lin = W8A8Linear(w, act_dtype=torch.float32)
+    x = torch.randn(3, 5, in_features)
+    got = lin(x)
+    q, s_x = quantize_rows(x.reshape(-1, in_features))
+    dots = q.double() @ lin.weight_int8[:, :in_features].double().t()
+    want = (dots.float() * s_x * lin.scale.float()).reshape(3, 5, 160)
+    assert torch.equal(got, want)
+    ref = x @ w.t()
+    assert ((got - ref).abs().max() / ref.abs().max()) < 0.02
+    if HAS_INT_MM:  # the fast path is the one taken on CPU
+        calls = []
+        real = torch._int_mm
+        try:
+            torch._int_mm = lambda a, b: calls.append(a.shape) or real(a, b)
+            lin(x)
+        finally:
+            torch._int_mm = real
+        assert calls == [(15, in_features + (-in_features % 16))]
+
+
+def test_w8a8_copy_is_close_stacked_equals_separate_and_is_cached_apart(model):
+    q8 = quantize_int8(model, activations="int8")
+    assert isinstance(q8.lm_head, W8A8Linear) and isinstance(q8.layers[0].attn.stacked_proj, W8A8Linear)
+    separate = quantize_int8(model, stack=False, activations="int8")
+    ids = torch.randint(0, 97, (2, 40))
+    with torch.no_grad():
+        want, got = model(ids).logits, q8(ids).logits.float()
+        assert torch.equal(q8(ids).logits, separate(ids).logits)  # one rounding of x serves q, k and v
+    assert ((got - want).abs().max() / want.abs().max()) < 0.04
+    assert quantized_copy(model, "w8a8") is quantized_copy(model, "w8a8")
+    assert quantized_copy(model, "w8a8") is not quantized_copy(model, "int8")
+    with pytest.raises(ValueError, match="activations='fp8'"):
+        quantize_int8(model, activations="fp8")
+
+
+@pytest.mark.skipif(compiled.compile_unavailable_reason(torch.device("cpu")) is not None,
+                    reason="no C++ compiler for inductor")
+def test_compiled_w8a8_decoding_agrees_with_eager_w8a8(model):
+    """As for int8: inductor may round the activations' float chain differently (bf16), so logits agree to
+    that rounding and the greedy tokens of the first steps are the same."""
+    prompts = [[5, 17, 3, 9, 44], [1, 2, 3, 4, 5, 6, 7, 8, 9]]
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", compiled.CompiledDecodeWarning)
+        fast = list(iter_steps(model, prompts, 3, temperature=0, quantize="w8a8", compile=True))
+    plain = list(iter_steps(model, prompts, 3, temperature=0, quantize="w8a8"))
+    for f, p in zip(fast, plain):
+        torch.testing.assert_close(f.logits.float(), p.logits.float(), rtol=0,
+                                   atol=0.03 * p.logits.float().abs().max().item())
+        assert torch.equal(f.tokens, p.tokens)
+
+
+def test_sample_cli_quantize_w8a8(tiny_char_checkpoint, capsys):
+    from diyllm.cli import main
+
+    m, tok, path = tiny_char_checkpoint
+    assert main(["sample", "--ckpt", str(path), "--prompt", "abc", "--max_new_tokens", "20", "--temperature", "0",
+                 "--device", "cpu", "--quantize", "w8a8"]) == 0
+    want = generate(m, tok.encode("abc"), 20, temperature=0, quantize="w8a8")[0]
+    assert capsys.readouterr().out == "abc" + tok.decode(want) + "\n"

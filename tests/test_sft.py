@@ -223,7 +223,8 @@ def test_chat_cli_quantize_int8_replies_as_the_int8_session(tmp_path, capsys, mo
 
     gen = importlib.import_module("diyllm.generation.generate")  # the module (the package re-exports the function)
     made = []  # the flag must reach generation: the int8 copy is made (at this size its tokens equal fp32's)
-    monkeypatch.setattr(gen, "quantize_int8", lambda m, real=gen.quantize_int8: made.append(1) or real(m))
+    real = gen.quantized_for
+    monkeypatch.setattr(gen, "quantized_for", lambda m, scheme: made.append(scheme) or real(m, scheme))
 
     tok = chat_tokenizer()
     tok.save(tmp_path / "tokenizer.json")
@@ -233,6 +234,6 @@ def test_chat_cli_quantize_int8_replies_as_the_int8_session(tmp_path, capsys, mo
                     tokenizer=(tmp_path / "tokenizer.json").read_text())
     assert main(["chat", "--ckpt", str(tmp_path / "m.pt"), "--prompt", "hello", "--temperature", "0",
                  "--max_new_tokens", "12", "--quantize", "int8", "--device", "cpu"]) == 0
-    assert made == [1]
+    assert made == ["int8"]
     want = "".join(ChatSession(model, tok, max_new_tokens=12, temperature=0, quantize="int8").reply("hello"))
     assert capsys.readouterr().out == want + "\n"

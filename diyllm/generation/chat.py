@@ -32,7 +32,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--seed", type=int, default=None)
     parser.add_argument("--compile", action="store_true", help="static KV cache + torch.compile'd decode step")
     parser.add_argument("--quantize", choices=QUANTIZE_CHOICES, default="none",
-                        help="int8: int8 weights, bfloat16 activations (faster decoding on CPU)")
+                        help="int8: int8 weights, bfloat16 activations (faster decoding on CPU); w8a8: "
+                             "int8 activations too")
     parser.add_argument("--device", default="auto")
 
 

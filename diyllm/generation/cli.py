@@ -40,7 +40,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help="static KV cache + torch.compile'd decode step (one-off compile, then faster)")
     parser.add_argument("--quantize", choices=QUANTIZE_CHOICES, default="none",
                         help="int8: decode with int8 weights and bfloat16 activations (CPU: ~4x less to read "
-                             "per token; combine with --compile)")
+                             "per token; combine with --compile); w8a8: int8 activations too (int8 dot "
+                             "products: faster compiled)")
     parser.add_argument("--context", choices=("slide", "stop"), default="slide",
                         help="when the context window is full: drop the oldest tokens or stop")
     parser.add_argument("--device", default="auto", help="auto, cpu, cuda, mps")

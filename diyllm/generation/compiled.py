@@ -44,6 +44,10 @@ _WARNED: set[str] = set()
 # graph does not care (the span is a dynamic size); 1, 16 and 64 measured the same within noise on
 # benchmarks/bench_generate.py's medium shape, and 16 keeps the attention loops in whole vector blocks.
 SPAN_MULTIPLE = 16
+# Inductor's C++ wrapper on CPU: the compiled step calls its kernels from C++, not from generated Python
+# (about a hundred kernel calls per token). benchmarks/bench_generate.py's medium int8 step: 962 -> 1403
+# tokens/s; a cold compile takes as long either way (~26 s), a cached one ~5 s.
+CPU_OPTIONS = {"cpp_wrapper": True}
 
 
 class CompiledDecodeWarning(RuntimeWarning):
@@ -93,6 +97,7 @@ class StaticDecoder:
         self.compile_seconds: float | None = None  # set by the first compiled step
         self.full_span = self.device.type == "cuda"  # a CUDA graph replays one shape: always all max_len
         self.last_span = 0  # columns the latest step read (for tests and curious readers)
+        self._span: torch.Tensor | None = None  # the CPU step's (B, span) mask input (_span_mask)
         self.step_fn = _step
         self.signature: tuple | None = None  # set where a compiled step relies on it (CPU)
         if compile:
@@ -107,9 +112,10 @@ class StaticDecoder:
         return self.signature is None or self.signature == step_guards.structure_signature(model)
 
     def _compile(self, model: nn.Module, batch_size: int) -> None:
+        options = CPU_OPTIONS if self.device.type == "cpu" else {}
         if self.device.type == "cpu" and step_guards.CAN_SKIP_MODEL_GUARDS:  # one graph per structure
             self.signature = step_guards.structure_signature(model)
-            self.step_fn = step_guards.shared_step(_step, (batch_size, self.signature))
+            self.step_fn = step_guards.shared_step(_step, (batch_size, self.signature), options)
             return
         mark = getattr(getattr(torch, "_dynamo", None), "mark_static_address", None)
         if mark is not None:  # fixed addresses: CUDA graphs read them in place instead of copying
@@ -118,7 +124,7 @@ class StaticDecoder:
         mode = "reduce-overhead" if self.device.type == "cuda" else None
         # dynamic=False: every size is static except the one `step` marks dynamic (the CPU span). CUDA
         # keeps the full static span on purpose: its CUDA graphs would be re-recorded for every new width.
-        self.step_fn = torch.compile(_step, mode=mode, dynamic=False, fullgraph=True)
+        self.step_fn = torch.compile(_step, mode=mode, dynamic=False, fullgraph=True, options=options or None)
 
     def span(self, column: int) -> int:
         """How many leading cache columns the step writing `column` reads: every column that can be
@@ -134,10 +140,7 @@ class StaticDecoder:
         self.last_span = self.span(column)
         visible = self.cache.visible[:, : self.last_span]
         if not self.full_span:  # one graph for every span width, not a recompile per width
-            # a fresh (B, span) copy, a few hundred bytes: the view's row stride (max_len) would be one more
-            # size to guard on (.contiguous() keeps it when B == 1)
-            visible = visible.clone(memory_format=torch.contiguous_format)
-            torch._dynamo.mark_dynamic(visible, 1, min=2, max=self.max_len)
+            visible = self._span_mask(visible)
         args = (model, self.cache, self.tokens, self.positions, visible)
         if self.compile_seconds is None and self.step_fn is not _step:
             start = time.perf_counter()
@@ -151,6 +154,15 @@ class StaticDecoder:
             self.compile_seconds = time.perf_counter() - start
             return logits
         return self.step_fn(*args)
+
+    def _span_mask(self, visible: torch.Tensor) -> torch.Tensor:
+        """`visible` (B, span) copied into a contiguous tensor of its own, kept while the span stays the same
+        (SPAN_MULTIPLE steps): the view's row stride (max_len) would be one more size to guard on, and
+        marking a new tensor's span as dynamic at every step costs more than the copy."""
+        if self._span is None or self._span.shape != visible.shape:
+            self._span = torch.empty_like(visible, memory_format=torch.contiguous_format)
+            torch._dynamo.mark_dynamic(self._span, 1, min=2, max=self.max_len)
+        return self._span.copy_(visible)
 
     def prefill(self, model: nn.Module, ids: torch.Tensor, real: torch.Tensor) -> torch.Tensor:
         """Eager forward of `ids` (B, T) into cache columns 0..T-1; `real` (B, T) marks non-padding.

@@ -40,7 +40,7 @@ from diyllm.generation.steps import (  # noqa: F401  (ContextFullWarning, Decode
 )
 from diyllm.model.kv_cache import KVCache
 from diyllm.model.layers import frozen_fused_weights
-from diyllm.model.quantize import quantize_int8
+from diyllm.model.quantize import quantized_for
 
 __all__ = ["CONTEXT_MODES", "ContextFullWarning", "DecodeStep", "SamplingParams", "generate", "iter_steps", "stream"]
 
@@ -76,8 +76,8 @@ def iter_steps(
     params = SamplingParams.from_options(params, **options)
     if max_new_tokens <= 0:
         return
-    if params.quantize == "int8":  # decode with the int8 copy (made once per weights' version)
-        model = quantized_copy(model)
+    if params.quantize != "none":  # decode with the int8 copy (made once per weights' version)
+        model = quantized_copy(model, params.quantize)
     was_training = model.training
     model.eval()
     try:
@@ -92,18 +92,20 @@ def iter_steps(
         model.train(was_training)
 
 
-# model -> (the weights' versions when quantized, the quantized copy); weak: a dropped model frees its copy
+# model -> {scheme: (the weights' versions when quantized, the quantized copy)}; weak: a dropped model
+# frees its copies
 _QUANTIZED: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
 
 
-def quantized_copy(model: nn.Module) -> nn.Module:
-    """The int8 copy of `model` for decoding, remade when its weights changed (an optimizer step or a
-    load bumps every tensor's version counter) so that generation never runs stale weights."""
+def quantized_copy(model: nn.Module, scheme: str = "int8") -> nn.Module:
+    """The int8 ("int8" or "w8a8") copy of `model` for decoding, remade when its weights changed (an
+    optimizer step or a load bumps every tensor's version counter) so that generation never runs stale
+    weights."""
     versions = tuple(p._version for p in model.parameters())
-    cached = _QUANTIZED.get(model)
+    copies = _QUANTIZED.setdefault(model, {})
+    cached = copies.get(scheme)
     if cached is None or cached[0] != versions:
-        cached = (versions, quantize_int8(model))
-        _QUANTIZED[model] = cached
+        cached = copies[scheme] = (versions, quantized_for(model, scheme))
     return cached[1]
 
 

@@ -43,7 +43,8 @@ class SamplingParams:
     context: str = "slide"
     vocab_limit: int | None = None
     compile: bool = False  # issue 19: static KV cache + a torch.compile'd decode step (generation/compiled.py)
-    quantize: str = "none"  # "int8": decode with an int8-weight bfloat16 copy of the model (model/quantize.py)
+    quantize: str = "none"  # "int8": an int8-weight bfloat16 copy of the model; "w8a8": int8 activations too
+    # (model/quantize.py)
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "stop_ids", tuple(int(i) for i in self.stop_ids))

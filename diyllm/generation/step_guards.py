@@ -83,9 +83,10 @@ def _rooted_at(name: str, roots: tuple[str, ...]) -> bool:
 _SHARED_STEPS: dict[tuple, Callable] = {}
 
 
-def shared_step(step: Callable, key: tuple) -> Callable:
-    """The compiled `step` for models whose signature is in `key`, compiled on first use."""
+def shared_step(step: Callable, key: tuple, options: dict | None = None) -> Callable:
+    """The compiled `step` for models whose signature is in `key`, compiled on first use; `options` are
+    inductor's (e.g. the C++ wrapper)."""
     if key not in _SHARED_STEPS:
         _SHARED_STEPS[key] = torch.compile(step, dynamic=False, fullgraph=True, isolate_recompiles=True,
-                                           options={"guard_filter_fn": keep_input_guards})
+                                           options={"guard_filter_fn": keep_input_guards, **(options or {})})
     return _SHARED_STEPS[key]
