@@ -118,6 +118,32 @@ def test_eager_fallback_warns_once_and_gives_the_same_tokens(model, monkeypatch)
         generate(model, PROMPTS, 3, compile=True, use_cache=False)
 
 
+@pytest.mark.skipif(not step_guards.CAN_SKIP_MODEL_GUARDS, reason="this torch compiles without shared steps")
+def test_a_failing_cpp_wrapper_compile_retries_without_it(model, monkeypatch):
+    """The CPU step asks inductor for its C++ wrapper; where that compile fails (an older torch), the step
+    is compiled again without the option before giving up on compiling (one warning), same tokens."""
+    asked = []
+
+    def shared_step(step, key, options):
+        asked.append(dict(options))
+        if options:
+            def broken(*args):
+                raise RuntimeError("C++ wrapper unsupported (test)")
+            return broken
+        return step  # stands in for the plain compile (no compile cost in this test)
+
+    monkeypatch.setattr(step_guards, "shared_step", shared_step)
+    monkeypatch.setattr(compiled, "_DECODERS", compiled.weakref.WeakKeyDictionary())
+    monkeypatch.setattr(compiled, "_WARNED", set())
+    with pytest.warns(compiled.CompiledDecodeWarning, match="without those options") as caught:
+        got = generate(model, PROMPTS, 10, temperature=0, compile=True)
+    assert asked == [compiled.CPU_OPTIONS, {}] and compiled.CPU_OPTIONS == {"cpp_wrapper": True}
+    assert len([w for w in caught if issubclass(w.category, compiled.CompiledDecodeWarning)]) == 1
+    assert not any("decoding eagerly" in str(w.message) for w in caught)
+    assert compiled.decoder_for(model, len(PROMPTS)).options == {}
+    assert got == generate(model, PROMPTS, 10, temperature=0)
+
+
 def test_static_cache_writes_the_given_columns_and_keeps_its_tensors():
     cache = StaticKVCache(num_layers=2, batch_size=1, num_kv_heads=2, head_dim=4, max_len=8)
     before = [t.data_ptr() for t in cache.tensors()]

@@ -100,6 +100,7 @@ class StaticDecoder:
         self._span: torch.Tensor | None = None  # the CPU step's (B, span) mask input (_span_mask)
         self.step_fn = _step
         self.signature: tuple | None = None  # set where a compiled step relies on it (CPU)
+        self.options: dict = {}  # inductor options the step was compiled with
         if compile:
             reason = compile_unavailable_reason(self.device)
             if reason:
@@ -111,11 +112,13 @@ class StaticDecoder:
         """Whether `model` still has the structure this decoder's step was compiled for."""
         return self.signature is None or self.signature == step_guards.structure_signature(model)
 
-    def _compile(self, model: nn.Module, batch_size: int) -> None:
-        options = CPU_OPTIONS if self.device.type == "cpu" else {}
+    def _compile(self, model: nn.Module, batch_size: int, options: dict | None = None) -> None:
+        options = (CPU_OPTIONS if self.device.type == "cpu" else {}) if options is None else options
+        self.options = options
         if self.device.type == "cpu" and step_guards.CAN_SKIP_MODEL_GUARDS:  # one graph per structure
             self.signature = step_guards.structure_signature(model)
-            self.step_fn = step_guards.shared_step(_step, (batch_size, self.signature), options)
+            key = (batch_size, self.signature, tuple(sorted(options.items())))
+            self.step_fn = step_guards.shared_step(_step, key, options)
             return
         mark = getattr(getattr(torch, "_dynamo", None), "mark_static_address", None)
         if mark is not None:  # fixed addresses: CUDA graphs read them in place instead of copying
@@ -147,8 +150,13 @@ class StaticDecoder:
             try:
                 logits = self.step_fn(*args)
             except Exception as exc:  # inductor/dynamo failures vary widely: fall back, say so once
-                _warn_once(f"compiled decoding failed ({type(exc).__name__}: {str(exc).splitlines()[0][:200]}); "
-                           "decoding eagerly")
+                why = f"{type(exc).__name__}: {(str(exc).splitlines() or [''])[0][:200]}"
+                if self.options:  # e.g. the C++ wrapper on an older torch: the plain compile may still work
+                    _warn_once(f"compiling the decode step with {self.options} failed ({why}); compiling it "
+                               "without those options")
+                    self._compile(model, self.tokens.shape[0], options={})
+                    return self.step(model, column)
+                _warn_once(f"compiled decoding failed ({why}); decoding eagerly")
                 self.step_fn = _step
                 return _step(*args)
             self.compile_seconds = time.perf_counter() - start
