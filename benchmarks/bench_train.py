@@ -154,8 +154,8 @@ def bench(name: str, shape: dict, rounds: int, steps: int, compile: bool = False
                 print(f"\n[{name}] {key}, per op:")
                 op_times(step, x, y)
     times: dict[str, list[float]] = {k: [] for k in runners}
-    for _ in range(rounds):
-        for key, (step, _) in runners.items():
+    for r in range(rounds):  # every other round in reverse order: no contender always runs first
+        for key, (step, _) in (list(runners.items()) if r % 2 == 0 else list(runners.items())[::-1]):
             times[key].append(time_steps(step, x, y, steps))
     tokens = shape["batch"] * shape["context"]
     med = {k: statistics.median(v) for k, v in times.items()}
@@ -168,7 +168,12 @@ def bench(name: str, shape: dict, rounds: int, steps: int, compile: bool = False
     ratio = med["hf"] / med["diyllm"]
     print(f"  diyllm / HF throughput: {ratio:.2f}x")
     if "nanogpt" in med:
-        print(f"  diyllm / nanoGPT throughput: {med['nanogpt'] / med['diyllm']:.2f}x (target >= 1.0x)")
+        # Each round's own ratio too: the two ran back to back, so a host that speeds up or slows down
+        # between rounds (a shared machine) moves both sides of it alike.
+        paired = sorted(n / d for d, n in zip(times["diyllm"], times["nanogpt"]))
+        quartiles = statistics.quantiles(paired, n=4) if len(paired) > 1 else paired * 3
+        print(f"  diyllm / nanoGPT throughput: {med['nanogpt'] / med['diyllm']:.2f}x (target >= 1.0x); per round: "
+              f"median {statistics.median(paired):.3f}x, quartiles {quartiles[0]:.3f}-{quartiles[2]:.3f}x")
     if compile:
         print(f"  compiled: diyllm / HF {med['hf+compile'] / med['diyllm+compile']:.2f}x, "
               f"diyllm compiled / HF eager {med['hf'] / med['diyllm+compile']:.2f}x")
