@@ -187,3 +187,22 @@ def test_recipes(tmp_path, monkeypatch, capsys, shared_data):
     meta = read_meta(tmp_path / "sc")
     assert meta["vocab_size"] == 65 and meta["tokenizer_kind"] == "char"
     assert meta["train_tokens"] + meta["val_tokens"] == len(local.read_text())
+
+
+def test_a_lopsided_hash_split_is_warned_about(tmp_path, capsys):
+    """Documents go to val whole: with a few documents and one large one, the seed decides whether val
+    holds ~10% of the tokens or most of them. The second case is warned about, the first is not."""
+    docs = [" ".join(f"w{i}x{j % 7}" for j in range(n)) for i, n in enumerate([60, 900, 80, 6000, 200, 40, 700, 150])]
+    src = tmp_path / "docs.jsonl"
+    src.write_text("".join(json.dumps({"text": d}) + "\n" for d in docs), encoding="utf-8")
+    shares = {}
+    for seed in range(40):
+        meta = prepare_dataset(src, tmp_path / f"s{seed}", tokenizer_kind="char", verbose=True, seed=seed)
+        share = meta["val_tokens"] / (meta["val_tokens"] + meta["train_tokens"])
+        shares[seed] = (share, "warning: the validation split holds" in capsys.readouterr().err)
+        if any(s > 0.5 for s, _ in shares.values()) and any(0 < s < 0.2 for s, _ in shares.values()):
+            break
+    lopsided = [w for s, w in shares.values() if s > 0.5]
+    fine = [w for s, w in shares.values() if s <= 0.2]
+    assert lopsided and fine, shares
+    assert all(lopsided) and not any(fine)

@@ -267,6 +267,10 @@ def run(out: Path, plan: Plan, progress: dict | None, workers: int, verbose: boo
             file=sys.stderr)
     if writers["val"].total_tokens == 0 and plan.val_fraction > 0:
         log("warning: the validation split is empty (only one document?)", file=sys.stderr)
+    lopsided = lopsided_split_warning(writers["train"].total_tokens, writers["val"].total_tokens,
+                                      writers["val"].total_documents, plan)
+    if lopsided:
+        log(lopsided, file=sys.stderr)
     n_tok = sum(w.total_tokens for w in writers.values())
     mb = st.read.bytes_read / 1e6
     log(f"encoded {n_tok:,} tokens from {mb:.1f} MB in {elapsed:.1f}s ({mb / max(elapsed, 1e-9):.1f} MB/s, "
@@ -309,3 +313,18 @@ def run(out: Path, plan: Plan, progress: dict | None, workers: int, verbose: boo
     for p in out.glob(".*.idx.partial"):
         p.unlink(missing_ok=True)
     return meta
+
+
+def lopsided_split_warning(train_tokens: int, val_tokens: int, val_documents: int, plan: Any) -> str | None:
+    """A warning when the hash split put far more than val_fraction of the tokens in val: documents are
+    assigned whole, so on a corpus of a few documents one large one decides the split (and training
+    would see only what is left). None when the split is near its share."""
+    total = train_tokens + val_tokens
+    if plan.tail_split is not None or not total or plan.val_fraction <= 0:
+        return None
+    share = val_tokens / total
+    if share <= max(2 * plan.val_fraction, plan.val_fraction + 0.1):
+        return None
+    return (f"warning: the validation split holds {share:.0%} of the tokens ({val_documents} document(s)): "
+            f"--val_fraction {plan.val_fraction} is a share of documents, each kept whole, so with this few "
+            "documents a large one decides the split; try another --seed or split the corpus into more documents")
