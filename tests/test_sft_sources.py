@@ -50,7 +50,7 @@ def _tokenizer_file(tmp_path):
 def _rows(data, tok, **kw):
     cfg = TrainConfig(data_dir=str(data), tokenizer_path=str(tok), context_length=64, data_format="sft", **kw)
     src = SFTSource.from_config(cfg)
-    return {s: (r.x, r.y, r.mask) for s, r in src.rows.items()}
+    return {s: r.padded(range(len(r))) for s, r in src.rows.items()}
 
 
 def test_parquet_and_compressed_jsonl_give_the_same_rows_as_jsonl(tmp_path):
@@ -151,3 +151,28 @@ def test_sft_command_trains_on_a_hub_source_offline(tmp_path, monkeypatch):
             "--compile=false", "--dtype=float32", f"--out_dir={tmp_path / 'sft'}"]
     assert main(args) == 0
     assert (tmp_path / "sft" / "latest.pt").exists()
+
+
+def test_packed_rows_are_the_plain_padded_rows_and_a_fraction_of_their_bytes(tmp_path):
+    """SFTSource keeps conversations packed (diyllm/data/packed_rows.py) and pads them per batch; every row
+    it builds must equal encode_rows' plain layout (truncation, padding, dropped conversations alike)."""
+    from diyllm.data.chat_template import encode_chat
+    from diyllm.data.packed_rows import PackedRows
+    from diyllm.data.sft import encode_rows
+    from diyllm.tokenizers import load_tokenizer
+
+    tok = load_tokenizer(_tokenizer_file(tmp_path))
+    convs = _convs(120)
+    convs[5] = [{"role": "user", "content": "q" * 300}, {"role": "assistant", "content": "cut off"}]  # dropped
+    T = 48  # shorter than many conversations: rows are truncated at T + 1 tokens
+    x, y, m, dropped = encode_rows(tok, convs, T)
+    packed = PackedRows(T, tok.vocab_size)
+    kept = [packed.add(*encode_chat(tok, c)) for c in convs]
+    packed.finish()
+    assert dropped == packed.dropped >= 1 and kept[5] is False and len(packed) == len(x)
+    assert packed.ids.dtype == np.uint16 and packed.trained_tokens == int(m.sum())
+    order = np.random.default_rng(0).permutation(len(x))[:37]
+    for a, b in zip((x[order], y[order], m[order]), packed.padded(order), strict=True):
+        assert a.dtype == b.dtype
+        np.testing.assert_array_equal(a, b)
+    assert packed.ids.nbytes + packed.mask.nbytes + packed.offsets.nbytes < (x.nbytes + y.nbytes + m.nbytes) / 4

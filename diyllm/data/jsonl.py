@@ -90,18 +90,15 @@ def padded_documents(docs: list[list[int]], context_length: int, eot_id: int | N
     return x[keep], y[keep], mask[keep]
 
 
-class EpochRows:
-    """Rows drawn in a seeded random order, each exactly once per epoch; the position is resumable."""
+class EpochOrder:
+    """Row numbers 0..n-1 in a seeded random order, each exactly once per epoch; the position is resumable."""
 
-    def __init__(self, x: np.ndarray, y: np.ndarray, mask: np.ndarray, seed: int):
-        if len(x) == 0:
-            raise UserError("no training rows: the JSONL split is empty or every document is too short")
-        self.x, self.y, self.mask = x, y, mask
-        self.seed, self.epoch, self.pos = seed, 0, 0
+    def __init__(self, n: int, seed: int):
+        self.n, self.seed, self.epoch, self.pos = int(n), seed, 0, 0
         self.order = self._order()
 
     def _order(self) -> np.ndarray:
-        return np.random.default_rng([self.seed, self.epoch]).permutation(len(self.x))
+        return np.random.default_rng([self.seed, self.epoch]).permutation(self.n)
 
     def take(self, n: int) -> np.ndarray:
         out = []
@@ -120,6 +117,16 @@ class EpochRows:
     def load_state_dict(self, state: dict) -> None:
         self.epoch, self.pos = int(state["epoch"]), int(state["pos"])
         self.order = self._order()
+
+
+class EpochRows(EpochOrder):
+    """Padded (x, y, mask) rows drawn in an EpochOrder."""
+
+    def __init__(self, x: np.ndarray, y: np.ndarray, mask: np.ndarray, seed: int):
+        if len(x) == 0:
+            raise UserError("no training rows: the JSONL split is empty or every document is too short")
+        self.x, self.y, self.mask = x, y, mask
+        super().__init__(len(x), seed)
 
 
 def trim_padding(x: np.ndarray, y: np.ndarray, mask: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:

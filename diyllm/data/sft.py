@@ -30,13 +30,14 @@ from diyllm.data.chat_template import add_chat_tokens, encode_chat, validate_con
 from diyllm.data.hub import is_hub_source, resolve_hub_sources
 from diyllm.data.jsonl import (
     IGNORE_INDEX,
-    EpochRows,
+    EpochOrder,
     is_val_document,
     resolve_jsonl_paths,
     resolve_tokenizer,
     to_device,
     trim_padding,
 )
+from diyllm.data.packed_rows import PackedRows
 from diyllm.data.readers import file_kind, iter_jsonl_values, iter_parquet_values
 from diyllm.data.sources import ReadStats
 from diyllm.errors import UserError
@@ -88,20 +89,32 @@ def read_conversations(spec, split: str | None = None, field: str = CONVERSATION
     return out
 
 
-def read_split_conversations(spec, val_spec: str = "", field: str = CONVERSATIONS_FIELD) -> dict[str, list]:
-    """{"train": [...], "val": [...]}: all of `spec` and all of `val_spec` when given, else the hash
-    hold-out of `spec` (each file read once)."""
+def iter_split_conversations(spec, val_spec: str = "", field: str = CONVERSATIONS_FIELD
+                             ) -> Iterator[tuple[str, list[dict]]]:
+    """("train" | "val", conversation) for all of `spec` and all of `val_spec` when given, else with the
+    hash hold-out of `spec` (each file read once), in file order: one conversation in memory at a time."""
     if val_spec:
-        return {"train": read_conversations(spec, None, field), "val": read_conversations(val_spec, None, field)}
-    out: dict[str, list] = {"train": [], "val": []}
+        for split, source in (("train", spec), ("val", val_spec)):
+            for path in conversation_files(source):
+                for _, _, conv in iter_conversations(path, field):
+                    yield split, conv
+        return
     for path in conversation_files(spec):
         for number, _, conv in iter_conversations(path, field):
-            out["val" if is_val_document(path, number) else "train"].append(conv)
+            yield ("val" if is_val_document(path, number) else "train"), conv
+
+
+def read_split_conversations(spec, val_spec: str = "", field: str = CONVERSATIONS_FIELD) -> dict[str, list]:
+    """{"train": [...], "val": [...]}: `iter_split_conversations` collected."""
+    out: dict[str, list] = {"train": [], "val": []}
+    for split, conv in iter_split_conversations(spec, val_spec, field):
+        out[split].append(conv)
     return out
 
 
 def encode_rows(tokenizer: Any, conversations: list[list[dict]], context_length: int, pad_id: int = 0):
-    """(x, y, mask, dropped): one right-padded row per conversation that keeps a trained token."""
+    """(x, y, mask, dropped): one right-padded row per conversation that keeps a trained token. The plain
+    layout; SFTSource holds the same rows packed (diyllm/data/packed_rows.py) and pads them per batch."""
     T = context_length
     xs, ys, ms = [], [], []
     dropped = 0
@@ -130,7 +143,8 @@ class SFTSource:
     The tokenizer (from_config: tokenizer_path, else the init_from checkpoint's, else tokenizer.json beside
     the data) gets the chat special tokens if missing (`added_tokens` lists the new ids: the model's
     embedding rows must then be grown, which `diyllm sft` does). Validation data: val_data or the ~5% hash
-    hold-out. Rows are served in a seeded order, each once per epoch.
+    hold-out. Rows are served in a seeded order, each once per epoch. Conversations are encoded as they are
+    read and kept as PackedRows (~3 bytes per token), so a large SFT set fits in memory.
     """
 
     def __init__(self, data: str | os.PathLike, context_length: int, tokenizer: Any, *, val_data: str = "",
@@ -147,18 +161,23 @@ class SFTSource:
         self.empty_batches_skipped = 0
         self.dynamic_padding = bool(dynamic_padding)  # trim batches to the longest row
         val_spec = self.val_data
-        self.rows: dict[str, EpochRows] = {}
-        for split, convs in read_split_conversations(self.data, val_spec, field).items():
-            x, y, m, dropped = encode_rows(tokenizer, convs, self.context_length)
-            self.dropped[split] = dropped
-            if len(x) == 0:
+        self.rows = {s: PackedRows(self.context_length, self.vocab_size) for s in ("train", "val")}
+        read = dict.fromkeys(self.rows, 0)
+        for split, conv in iter_split_conversations(self.data, val_spec, field):
+            self.rows[split].add(*encode_chat(tokenizer, conv))
+            read[split] += 1
+        self.order: dict[str, EpochOrder] = {}
+        for split, rows in self.rows.items():
+            rows.finish()
+            self.dropped[split] = rows.dropped
+            if len(rows) == 0:
                 raise UserError(
                     f"no usable {split} conversations in {val_spec if split == 'val' and val_spec else self.data}"
-                    f" ({len(convs)} read, {dropped} dropped because no assistant token fits in context_length="
-                    f"{self.context_length}); add data, set val_data=PATH, or raise context_length"
+                    f" ({read[split]} read, {rows.dropped} dropped because no assistant token fits in "
+                    f"context_length={self.context_length}); add data, set val_data=PATH, or raise context_length"
                 )
-            self.rows[split] = EpochRows(x, y, m, int(seed) * 2 + (split == "val"))
-        self.trained_tokens = {s: int(r.mask.sum()) for s, r in self.rows.items()}
+            self.order[split] = EpochOrder(len(rows), int(seed) * 2 + (split == "val"))
+        self.trained_tokens = {s: r.trained_tokens for s, r in self.rows.items()}
 
     @classmethod
     def from_config(cls, cfg: Any, tokenizer: Any = None) -> SFTSource:
@@ -175,20 +194,19 @@ class SFTSource:
     def get_batch(self, split: str, batch_size: int, device) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         if split not in self.rows:
             raise ValueError(f"unknown split {split!r}; use train or val")
-        rows = self.rows[split]
         while True:
-            idx = rows.take(batch_size * self.world_size)[self.rank :: self.world_size]
-            if rows.mask[idx].sum() > 0:  # always true by construction (rows without targets are dropped)
-                x, y, mask = rows.x[idx], rows.y[idx], rows.mask[idx]
+            idx = self.order[split].take(batch_size * self.world_size)[self.rank :: self.world_size]
+            x, y, mask = self.rows[split].padded(idx)
+            if mask.sum() > 0:  # always true by construction (rows without targets are dropped)
                 if self.dynamic_padding:
                     x, y, mask = trim_padding(x, y, mask)
                 return to_device(x, y, mask, device)
             self.empty_batches_skipped += 1
 
     def state_dict(self) -> dict:
-        return {"kind": "sft", **{s: r.state_dict() for s, r in self.rows.items()}}
+        return {"kind": "sft", **{s: o.state_dict() for s, o in self.order.items()}}
 
     def load_state_dict(self, state: dict) -> None:
-        for split, rows in self.rows.items():
+        for split, order in self.order.items():
             if split in state:
-                rows.load_state_dict(state[split])
+                order.load_state_dict(state[split])

@@ -91,7 +91,7 @@ def prepare_sft(cfg: Any) -> tuple[Any, Any, nn.Module | None]:
     # The trainer gets the (resized) model itself; init_from=scratch stops it from reloading the old weights.
     cfg = dataclasses.replace(cfg, init_from="scratch", vocab_size=model.config.vocab_size)
     print(f"fine-tuning {path}: {sum(source.trained_tokens.values())} trained tokens in "
-          f"{len(source.rows['train'].x)} train / {len(source.rows['val'].x)} val conversations "
+          f"{len(source.rows['train'])} train / {len(source.rows['val'])} val conversations "
           f"(dropped, no assistant token within context: {source.dropped})")
     model.train()
     return cfg, source, model
