@@ -23,6 +23,7 @@ import http.client
 import json
 import os
 import re
+import shlex
 import socket
 import statistics
 import subprocess
@@ -122,6 +123,8 @@ def main() -> None:
     parser.add_argument("--threads", type=int, default=None,
                         help="OMP_NUM_THREADS for the server and the sample calls (default: torch's choice); on a "
                         "busy machine 1 avoids threads waiting on each other")
+    parser.add_argument("--serve-args", default="",
+                        help='extra `diyllm serve` options, e.g. "--compile --quantize w8a8"')
     args = parser.parse_args()
     env = {**os.environ, "PYTHONPATH": os.pathsep.join(sys.path)}
     if args.threads:
@@ -130,7 +133,8 @@ def main() -> None:
         ckpt = make_checkpoint(Path(tmp), args.shape)
         port = free_port()
         server = subprocess.Popen([sys.executable, "-m", "diyllm", "serve", "--ckpt", str(ckpt), "--port", str(port),
-                                   "--max-concurrency", str(max(args.clients))], env=env,
+                                   "--max-concurrency", str(max(args.clients)), *shlex.split(args.serve_args)],
+                                  env=env,
                                   stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
         try:
             for _ in range(600):
@@ -147,7 +151,8 @@ def main() -> None:
         seq, own = sequential_sample(ckpt, args.sample_calls, args.new, env)
     base = rows[0]["aggregate"]
     threads = args.threads or torch.get_num_threads()
-    print(f"shape {args.shape}, {args.new} new tokens per request, {threads} thread(s) per process")
+    print(f"shape {args.shape}, {args.new} new tokens per request, {threads} thread(s) per process"
+          + (f", serve {args.serve_args}" if args.serve_args else ""))
     print(f"{'clients':>7} {'agg tok/s':>10} {'vs 1':>6} {'tok/s/client':>13} {'req/s':>6} {'TTFT med':>9} "
           f"{'TTFT max':>9}")
     for r in rows:

@@ -82,6 +82,59 @@ def test_rows_joining_and_leaving_get_the_same_greedy_tokens_as_generating_alone
     assert scheduler.peak_batch == 3
 
 
+@pytest.mark.skipif(__import__("diyllm.generation.compiled", fromlist=["x"]).compile_unavailable_reason(
+    torch.device("cpu")) is not None, reason="no C++ compiler for inductor")
+def test_compiled_serving_gives_the_tokens_of_generating_alone():
+    """`diyllm serve --compile`: one compiled step for all slots, each row writing its key at its own
+    column; rows joining, waiting and leaving must still get exactly generate()'s greedy tokens."""
+    from diyllm.generation import compiled
+
+    model, tok = _model(), _tokenizer()
+    prompts = [[10, 20, 30], [99], [1, 2, 3, 4, 5, 6, 7, 8], [250, 251], [64] * 12]
+    budgets = [25, 7, 40, 3, 18]
+    expected = [generate(model, p, n, temperature=0)[0] for p, n in zip(prompts, budgets)]
+    scheduler = BatchScheduler(model, tok, max_batch=3, max_queue=8, compile=True)
+    graphs = torch._dynamo.utils.counters["stats"]["unique_graphs"]
+    collectors = [Collector() for _ in prompts]
+    scheduler.start()
+    try:
+        for p, n, c in zip(prompts, budgets, collectors):
+            scheduler.submit(GenerationRequest(prompt_ids=p, max_tokens=n, emit=c, temperature=0))
+        for c in collectors:
+            assert c.done.wait(300)
+    finally:
+        scheduler.stop()
+    for c, ids, n in zip(collectors, expected, budgets):
+        assert c.texts[0] == tok.decode(ids) and c.reasons[0] == "length" and c.tokens[0] == n
+    dec = scheduler._decoder
+    assert dec.per_row and dec.step_fn is not compiled._step and dec.compile_seconds > 0  # it was compiled
+    assert scheduler.peak_batch == 3
+    # one graph for 2 and 3 active rows and every span: the batch and the span are dynamic sizes
+    assert torch._dynamo.utils.counters["stats"]["unique_graphs"] - graphs == 1
+
+
+def test_serving_with_compile_but_no_compiler_runs_the_same_static_step_eagerly(monkeypatch):
+    from diyllm.generation import compiled
+
+    monkeypatch.setattr(compiled, "compile_unavailable_reason", lambda device: "no compiler (test)")
+    monkeypatch.setattr(compiled, "_DECODERS", compiled.weakref.WeakKeyDictionary())
+    model, tok = _model(1), _tokenizer()
+    prompts, budgets = [[5, 6, 7], [42] * 9], [30, 11]
+    expected = [generate(model, p, n, temperature=0)[0] for p, n in zip(prompts, budgets)]
+    scheduler = BatchScheduler(model, tok, max_batch=4, compile=True)
+    collectors = [Collector() for _ in prompts]
+    scheduler.start()
+    try:
+        for p, n, c in zip(prompts, budgets, collectors):
+            scheduler.submit(GenerationRequest(prompt_ids=p, max_tokens=n, emit=c, temperature=0))
+        for c in collectors:
+            assert c.done.wait(60)
+    finally:
+        scheduler.stop()
+    assert [c.texts[0] for c in collectors] == [tok.decode(ids) for ids in expected]
+    assert scheduler._decoder.step_fn is compiled._step and scheduler._decoder.cache.row_columns is not None
+
+
 def test_an_int8_model_is_served_with_the_tokens_generate_gives_it():
     from diyllm.model.quantize import quantize_int8
 

@@ -86,11 +86,13 @@ def compile_unavailable_reason(device: torch.device) -> str | None:
 class StaticDecoder:
     """A StaticKVCache plus the compiled step for one model, batch size and dtype."""
 
-    def __init__(self, model: nn.Module, batch_size: int, compile: bool = True):
+    def __init__(self, model: nn.Module, batch_size: int, compile: bool = True, per_row: bool = False):
         param = next(model.parameters())
         self.device = param.device  # the model itself is not kept: _DECODERS must not hold it alive
         self.max_len = model.config.context_length
-        self.cache = StaticKVCache.for_model(model, batch_size, self.max_len)
+        # per_row: each row writes at its own cache.row_columns[b] (a server's slots, serving/slots.py)
+        self.per_row = per_row
+        self.cache = StaticKVCache.for_model(model, batch_size, self.max_len, per_row=per_row)
         self.decode_index = self.cache.index
         self.tokens = torch.zeros(batch_size, 1, dtype=torch.long, device=self.device)
         self.positions = torch.zeros(batch_size, 1, dtype=torch.long, device=self.device)
@@ -98,6 +100,7 @@ class StaticDecoder:
         self.full_span = self.device.type == "cuda"  # a CUDA graph replays one shape: always all max_len
         self.last_span = 0  # columns the latest step read (for tests and curious readers)
         self._span: torch.Tensor | None = None  # the CPU step's (B, span) mask input (_span_mask)
+        self._rows_cut: dict[int, tuple[torch.Tensor, torch.Tensor]] = {}  # per_row: _row_views
         self.step_fn = _step
         self.signature: tuple | None = None  # set where a compiled step relies on it (CPU)
         self.options: dict = {}  # inductor options the step was compiled with
@@ -117,7 +120,7 @@ class StaticDecoder:
         self.options = options
         if self.device.type == "cpu" and step_guards.CAN_SKIP_MODEL_GUARDS:  # one graph per structure
             self.signature = step_guards.structure_signature(model)
-            key = (batch_size, self.signature, tuple(sorted(options.items())))
+            key = (batch_size, self.per_row, self.signature, tuple(sorted(options.items())))
             self.step_fn = step_guards.shared_step(_step, key, options)
             return
         mark = getattr(getattr(torch, "_dynamo", None), "mark_static_address", None)
@@ -137,14 +140,18 @@ class StaticDecoder:
             return self.max_len
         return min(self.max_len, -(-(column + 1) // SPAN_MULTIPLE) * SPAN_MULTIPLE)
 
-    def step(self, model: nn.Module, column: int) -> torch.Tensor:
+    def step(self, model: nn.Module, column: int, rows: int | None = None) -> torch.Tensor:
         """Run the decode step of `model` on self.tokens/self.positions, writing cache column `column`
-        (self.decode_index holds it too, as a tensor for the graph)."""
+        (self.decode_index holds it too, as a tensor for the graph). rows (per_row decoders, at least 2):
+        only the first `rows` rows, a size the graph takes as dynamic (a server's active slots); `column`
+        is then the furthest column any of them writes."""
         self.last_span = self.span(column)
-        visible = self.cache.visible[:, : self.last_span]
+        visible, tokens, positions = self.cache.visible[:, : self.last_span], self.tokens, self.positions
+        if rows is not None:
+            visible, (tokens, positions) = visible[:rows], self._row_views(rows)
         if not self.full_span:  # one graph for every span width, not a recompile per width
             visible = self._span_mask(visible)
-        args = (model, self.cache, self.tokens, self.positions, visible)
+        args = (model, self.cache, tokens, positions, visible)
         if self.compile_seconds is None and self.step_fn is not _step:
             start = time.perf_counter()
             try:
@@ -155,7 +162,7 @@ class StaticDecoder:
                     _warn_once(f"compiling the decode step with {self.options} failed ({why}); compiling it "
                                "without those options")
                     self._compile(model, self.tokens.shape[0], options={})
-                    return self.step(model, column)
+                    return self.step(model, column, rows)
                 _warn_once(f"compiled decoding failed ({why}); decoding eagerly")
                 self.step_fn = _step
                 return _step(*args)
@@ -170,7 +177,17 @@ class StaticDecoder:
         if self._span is None or self._span.shape != visible.shape:
             self._span = torch.empty_like(visible, memory_format=torch.contiguous_format)
             torch._dynamo.mark_dynamic(self._span, 1, min=2, max=self.max_len)
+            if self.per_row:
+                torch._dynamo.mark_dynamic(self._span, 0, min=2, max=self.cache.batch_size)
         return self._span.copy_(visible)
+
+    def _row_views(self, rows: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """self.tokens / self.positions cut to their first `rows` rows, marked dynamic once per count."""
+        if rows not in self._rows_cut:
+            self._rows_cut[rows] = (self.tokens[:rows], self.positions[:rows])
+            for t in self._rows_cut[rows]:
+                torch._dynamo.mark_dynamic(t, 0, min=2, max=self.cache.batch_size)
+        return self._rows_cut[rows]
 
     def prefill(self, model: nn.Module, ids: torch.Tensor, real: torch.Tensor) -> torch.Tensor:
         """Eager forward of `ids` (B, T) into cache columns 0..T-1; `real` (B, T) marks non-padding.
@@ -193,16 +210,18 @@ class StaticDecoder:
         return out.logits[:, -1]
 
 
-def decoder_for(model: nn.Module, batch_size: int, compile: bool = True, check: bool = False) -> StaticDecoder:
+def decoder_for(model: nn.Module, batch_size: int, compile: bool = True, check: bool = False,
+                per_row: bool = False) -> StaticDecoder:
     """The process-wide StaticDecoder of `model` for this batch size (built, and compiled, once).
     check=True (decode_compiled, once per generation, with the model set up for generation as every
     time, e.g. frozen_fused_weights' stacks in place): build it again if the model's structure changed
-    since its step was compiled (generation/step_guards.py)."""
+    since its step was compiled (generation/step_guards.py). per_row: the server's kind (rows write at
+    their own columns)."""
     per_model = _DECODERS.setdefault(model, {})
     param = next(model.parameters())
-    key = (batch_size, param.dtype, param.device, compile)
+    key = (batch_size, param.dtype, param.device, compile, per_row)
     if key not in per_model or (check and not per_model[key].fits(model)):
-        per_model[key] = StaticDecoder(model, batch_size, compile=compile)
+        per_model[key] = StaticDecoder(model, batch_size, compile=compile, per_row=per_row)
     return per_model[key]
 
 

@@ -32,11 +32,12 @@ class KVBuffers:
         self.max_len, self.batch_size = max_len, batch_size
 
     @classmethod
-    def for_model(cls, model, batch_size: int, max_len: int | None = None, dtype: torch.dtype | None = None):
+    def for_model(cls, model, batch_size: int, max_len: int | None = None, dtype: torch.dtype | None = None,
+                  **kwargs):
         c = model.config
         param = next(model.parameters())
         return cls(c.num_layers, batch_size, c.num_kv_heads, c.head_dim, max_len or c.context_length,
-                   device=param.device, dtype=dtype or param.dtype)
+                   device=param.device, dtype=dtype or param.dtype, **kwargs)
 
 
 class KVCache(KVBuffers):
@@ -86,21 +87,33 @@ class StaticKVCache(KVBuffers):
     # span to a constant (a recompile, or an error). With the spare column no span view is contiguous.
     spare_columns = 1
 
-    def __init__(self, *args, **kwargs):
+    def __init__(self, *args, per_row: bool = False, **kwargs):
         super().__init__(*args, **kwargs)
         device = self.k.device
         self.index = torch.zeros(1, dtype=torch.long, device=device)  # the column(s) the next forward writes
         self.visible = torch.zeros(self.batch_size, self.max_len, dtype=torch.bool, device=device)
+        # per_row: every row writes its one new token at its own column, row_columns[b] (a server's slots,
+        # whose rows started at different times); the spare column max_len takes a row that writes nothing.
+        self.rows = torch.arange(self.batch_size, device=device) if per_row else None
+        self.row_columns = torch.zeros(self.batch_size, dtype=torch.long, device=device) if per_row else None
 
     def tensors(self) -> list[torch.Tensor]:
         """Every tensor a compiled step reads or writes (for torch._dynamo.mark_static_address)."""
-        return [self.k, self.v, self.index, self.visible]
+        per_row = [self.rows, self.row_columns] if self.rows is not None else []
+        return [self.k, self.v, self.index, self.visible, *per_row]
 
     def update(self, layer_idx: int, k: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """Write k/v (B, Hkv, T, D) at columns `index` (T of them); return all max_len columns."""
+        """Write k/v (B, Hkv, T, D) at columns `index` (T of them), or with per_row one token per row at
+        `row_columns`; return all max_len columns."""
         k_all, v_all = self._k_layers[layer_idx], self._v_layers[layer_idx]
-        k_all.index_copy_(2, self.index, k)
-        v_all.index_copy_(2, self.index, v)
+        if self.rows is not None:  # the first B slots only (B = k's batch: a compiled step's dynamic size)
+            B = k.shape[0]
+            k_all[self.rows[:B], :, self.row_columns[:B]] = k[:, :, 0]
+            v_all[self.rows[:B], :, self.row_columns[:B]] = v[:, :, 0]
+            k_all, v_all = k_all.narrow(0, 0, B), v_all.narrow(0, 0, B)
+        else:
+            k_all.index_copy_(2, self.index, k)
+            v_all.index_copy_(2, self.index, v)
         # narrowed after the write: a compiled graph writes out of place, and only a view of the
         # written buffer keeps the spare column's stride
         return k_all.narrow(2, 0, self.max_len), v_all.narrow(2, 0, self.max_len)

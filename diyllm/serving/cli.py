@@ -4,6 +4,7 @@
   diyllm serve --ckpt best.pt --port 8080 --model-name mymodel --max-concurrency 8
   diyllm serve --ckpt runs/sft --host 0.0.0.0 --api-key SECRET   # reachable from other machines
   diyllm serve --ckpt runs/sft --quantize int8        # int8 weights: faster decoding on CPU
+  diyllm serve --ckpt runs/sft --compile --quantize w8a8   # a compiled decode step, int8 dot products
 
 Requests arriving together are decoded as one batch (up to --max-concurrency rows); more wait in a
 first-come-first-served queue of --max-queue requests, beyond which the server answers 503.
@@ -32,9 +33,12 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--api-key", default=None, help="require 'Authorization: Bearer KEY' on /v1/*")
     parser.add_argument("--device", default="auto", help="auto, cpu, cuda, mps")
     parser.add_argument("--log-level", default="warning", help="uvicorn log level (info shows every request)")
+    parser.add_argument("--compile", action="store_true",
+                        help="decode through a torch.compile'd static-cache step (all --max-concurrency slots at "
+                             "once; compiled on the first request)")
     parser.add_argument("--quantize", choices=QUANTIZE_CHOICES, default="none",
                         help="int8: serve an int8-weight, bfloat16 copy of the model (CPU: ~2.5x faster decoding); "
-                             "w8a8: int8 activations too (faster still with --compile)")
+                             "w8a8: int8 activations too (fastest with --compile)")
 
 
 def default_model_name(ckpt: str) -> str:
@@ -83,12 +87,38 @@ def run(args: argparse.Namespace) -> int:
     if args.quantize != "none":  # int8 weights, bf16 (int8: w8a8) activations (model/quantize.py)
         model = quantized_for(model, args.quantize)
     name = args.model_name or default_model_name(args.ckpt)
-    scheduler = BatchScheduler(model, tokenizer, max_batch=args.max_concurrency, max_queue=args.max_queue)
+    scheduler = BatchScheduler(model, tokenizer, max_batch=args.max_concurrency, max_queue=args.max_queue,
+                               compile=args.compile)
     app = create_app(scheduler, name, api_key=args.api_key)
     if args.host not in LOOPBACK and args.api_key is None:
         print(f"warning: listening on {args.host} without --api-key: anyone who can reach this port can use the "
               "model", file=sys.stderr)
     print(f"serving {name} (context {model.config.context_length} tokens, batch up to {args.max_concurrency}) "
           f"on http://{args.host}:{args.port}/  (API: /v1, Ctrl-C to stop)", flush=True)
-    uvicorn.run(app, host=args.host, port=args.port, log_level=args.log_level)
-    return 0
+    return serve_with_decoding_on_main_thread(
+        uvicorn.Server(uvicorn.Config(app, host=args.host, port=args.port, log_level=args.log_level)), scheduler)
+
+
+def serve_with_decoding_on_main_thread(server, scheduler) -> int:
+    """The HTTP server in a thread, the decode loop on this (the main) thread, which loaded the model: a
+    second thread running torch's kernels would make OpenMP wake its workers for every kernel, 2-4x
+    slower decoding on a few cores (BatchScheduler.run). Ctrl-C or SIGTERM stops both."""
+    import signal
+    import threading
+
+    def interrupt(signum, frame):
+        raise KeyboardInterrupt
+
+    scheduler.runs_on_caller = True  # the app's lifespan start() then leaves the decoding to us
+    http = threading.Thread(target=server.run, name="diyllm-http", daemon=True)
+    previous = signal.signal(signal.SIGTERM, interrupt)
+    http.start()
+    try:
+        scheduler.run(alive=http.is_alive)
+    except KeyboardInterrupt:
+        pass
+    finally:
+        signal.signal(signal.SIGTERM, previous)
+        server.should_exit = True
+        http.join(timeout=15)
+    return 0 if server.started else 1

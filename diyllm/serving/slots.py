@@ -20,8 +20,10 @@ from diyllm.model.kv_cache import KVBuffers
 
 
 class SlotKVCache:
-    def __init__(self, model: nn.Module, num_slots: int):
-        buffers = KVBuffers.for_model(model, num_slots)  # the same storage as the decode caches
+    def __init__(self, model: nn.Module, num_slots: int, buffers: KVBuffers | None = None):
+        # the same storage as the decode caches; `buffers` given: those of a compiled step's StaticKVCache
+        # (`diyllm serve --compile`), which prefill and `move` then write in place
+        buffers = buffers if buffers is not None else KVBuffers.for_model(model, num_slots)
         self.k, self.v = buffers.k, buffers.v
         self.num_slots, self.max_len = num_slots, buffers.max_len
         self.lengths = [0] * num_slots  # tokens stored per slot
