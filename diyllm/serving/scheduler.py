@@ -29,7 +29,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from diyllm.generation.compiled import decoder_for
+from diyllm.generation.compiled import StaticDecoder
 from diyllm.generation.sampling import sample_next
 from diyllm.generation.text import _held_back
 from diyllm.model.layers import frozen_fused_weights
@@ -163,8 +163,9 @@ class BatchScheduler:
         a compiled decode step 0.27 -> 2.5 ms, when run in a second thread."""
         with torch.inference_mode(), frozen_fused_weights(self.model):
             # --compile: one compiled step for all max_batch slots, each row writing at its own column
-            self._decoder = (decoder_for(self.model, self.max_batch, compile=True, check=True, per_row=True)
-                             if self.compile else None)
+            # (its own decoder, not the process-wide one of decoder_for: the cache is this server's slots;
+            # the compiled graph is still shared with every decoder of the same structure)
+            self._decoder = StaticDecoder(self.model, self.max_batch, per_row=True) if self.compile else None
             self._cache = SlotKVCache(self.model, self.max_batch,
                                       self._decoder.cache if self._decoder is not None else None)
             self._columns = torch.arange(self._cache.max_len, device=self.device)
