@@ -62,23 +62,30 @@ def test_slot_cache_decode_matches_full_forward_logits_for_rows_of_different_len
     assert cache.lengths == [5, 2, 8]
 
 
-def test_rows_joining_and_leaving_get_the_same_greedy_tokens_as_generating_alone():
-    model, tok = _model(), _tokenizer()
-    prompts = [[10, 20, 30], [99], [1, 2, 3, 4, 5, 6, 7, 8], [250, 251], [64] * 12]
-    budgets = [25, 7, 40, 3, 18]  # rows finish at different steps; late rows join a running batch
+JOINING = ([[10, 20, 30], [99], [1, 2, 3, 4, 5, 6, 7, 8], [250, 251], [64] * 12],
+           [25, 7, 40, 3, 18])  # rows finish at different steps; late rows join a running batch
+
+
+def _served_alone_and_batched(scheduler: BatchScheduler, prompts, budgets, timeout: float = 60) -> None:
+    """Submit every prompt at once to a started `scheduler`; each must get generate()'s greedy tokens."""
+    model, tok = scheduler.model, scheduler.tokenizer
     expected = [generate(model, p, n, temperature=0)[0] for p, n in zip(prompts, budgets)]
-    scheduler = BatchScheduler(model, tok, max_batch=3, max_queue=8)  # 5 requests, 3 slots: some must wait
     collectors = [Collector() for _ in prompts]
     scheduler.start()
     try:
         for p, n, c in zip(prompts, budgets, collectors):
             scheduler.submit(GenerationRequest(prompt_ids=p, max_tokens=n, emit=c, temperature=0))
         for c in collectors:
-            assert c.done.wait(60)
+            assert c.done.wait(timeout)
     finally:
         scheduler.stop()
     for c, ids, n in zip(collectors, expected, budgets):
         assert c.texts[0] == tok.decode(ids) and c.reasons[0] == "length" and c.tokens[0] == n
+
+
+def test_rows_joining_and_leaving_get_the_same_greedy_tokens_as_generating_alone():
+    scheduler = BatchScheduler(_model(), _tokenizer(), max_batch=3, max_queue=8)  # 5 requests, 3 slots: some wait
+    _served_alone_and_batched(scheduler, *JOINING)
     assert scheduler.peak_batch == 3
 
 
@@ -89,23 +96,9 @@ def test_compiled_serving_gives_the_tokens_of_generating_alone():
     column; rows joining, waiting and leaving must still get exactly generate()'s greedy tokens."""
     from diyllm.generation import compiled
 
-    model, tok = _model(), _tokenizer()
-    prompts = [[10, 20, 30], [99], [1, 2, 3, 4, 5, 6, 7, 8], [250, 251], [64] * 12]
-    budgets = [25, 7, 40, 3, 18]
-    expected = [generate(model, p, n, temperature=0)[0] for p, n in zip(prompts, budgets)]
-    scheduler = BatchScheduler(model, tok, max_batch=3, max_queue=8, compile=True)
+    scheduler = BatchScheduler(_model(), _tokenizer(), max_batch=3, max_queue=8, compile=True)
     graphs = torch._dynamo.utils.counters["stats"]["unique_graphs"]
-    collectors = [Collector() for _ in prompts]
-    scheduler.start()
-    try:
-        for p, n, c in zip(prompts, budgets, collectors):
-            scheduler.submit(GenerationRequest(prompt_ids=p, max_tokens=n, emit=c, temperature=0))
-        for c in collectors:
-            assert c.done.wait(300)
-    finally:
-        scheduler.stop()
-    for c, ids, n in zip(collectors, expected, budgets):
-        assert c.texts[0] == tok.decode(ids) and c.reasons[0] == "length" and c.tokens[0] == n
+    _served_alone_and_batched(scheduler, *JOINING, timeout=300)
     dec = scheduler._decoder
     assert dec.per_row and dec.step_fn is not compiled._step and dec.compile_seconds > 0  # it was compiled
     assert scheduler.peak_batch == 3
@@ -117,21 +110,8 @@ def test_serving_with_compile_but_no_compiler_runs_the_same_static_step_eagerly(
     from diyllm.generation import compiled
 
     monkeypatch.setattr(compiled, "compile_unavailable_reason", lambda device: "no compiler (test)")
-    monkeypatch.setattr(compiled, "_DECODERS", compiled.weakref.WeakKeyDictionary())
-    model, tok = _model(1), _tokenizer()
-    prompts, budgets = [[5, 6, 7], [42] * 9], [30, 11]
-    expected = [generate(model, p, n, temperature=0)[0] for p, n in zip(prompts, budgets)]
-    scheduler = BatchScheduler(model, tok, max_batch=4, compile=True)
-    collectors = [Collector() for _ in prompts]
-    scheduler.start()
-    try:
-        for p, n, c in zip(prompts, budgets, collectors):
-            scheduler.submit(GenerationRequest(prompt_ids=p, max_tokens=n, emit=c, temperature=0))
-        for c in collectors:
-            assert c.done.wait(60)
-    finally:
-        scheduler.stop()
-    assert [c.texts[0] for c in collectors] == [tok.decode(ids) for ids in expected]
+    scheduler = BatchScheduler(_model(1), _tokenizer(), max_batch=4, compile=True)
+    _served_alone_and_batched(scheduler, [[5, 6, 7], [42] * 9], [30, 11])
     assert scheduler._decoder.step_fn is compiled._step and scheduler._decoder.cache.row_columns is not None
 
 
