@@ -173,7 +173,39 @@ def test_streaming_chat_role_first_then_content_then_finish_reason_and_usage(cli
     assert text == "piano piano!"
     finishes = [c.choices[0].finish_reason for c in chunks if c.choices and c.choices[0].finish_reason]
     assert finishes == ["stop"] and chunks[-1].usage.completion_tokens == len("piano piano!")
-    assert len([c for c in chunks if c.choices and c.choices[0].delta.content]) > 3  # token by token, not at once
+    # (how many content chunks depends on timing: deltas that queue up go out as one; tested below)
+    middle = [c for c in chunks[1:] if c.choices and not c.choices[0].finish_reason]  # after the role chunk
+    assert middle and all(c.choices[0].delta.content for c in middle)  # no empty content chunks
+
+
+def test_the_stream_sends_each_delta_as_it_comes_and_merges_only_those_that_queued_up():
+    """A delta that arrives while the stream waits goes out at once, on its own; deltas of one choice
+    already queued behind it leave as one chunk (same text, fewer chunks for the HTTP thread to write),
+    never merged across choices or past a finish."""
+    import asyncio
+
+    from diyllm.serving.app import _stream
+    from diyllm.serving.scheduler import GenerationRequest
+
+    async def run() -> tuple[list[str], list[str]]:
+        events: asyncio.Queue = asyncio.Queue()
+        gen = GenerationRequest(prompt_ids=[1], max_tokens=9, emit=lambda *e: None, n=2)
+        body = _stream("completion", "cmpl-1", "m", 0, gen, events, 1, False)
+        live = []
+        for piece in ("a", "b"):  # the stream is waiting: each delta is its own chunk
+            events.put_nowait(("delta", 0, piece))
+            live.append(await body.__anext__())
+        for e in [("delta", 0, "c"), ("delta", 0, "d"), ("delta", 1, "x"), ("delta", 1, "y"), ("finish", 1, "stop", 2),
+                  ("delta", 0, "e"), ("finish", 0, "length", 3)]:
+            events.put_nowait(e)
+        return live, [chunk async for chunk in body]
+
+    live, rest = asyncio.run(run())
+    payloads = [json.loads(c.removeprefix("data: ")) for c in live + rest if c.startswith("data: {")]
+    pieces = [(p["choices"][0]["index"], p["choices"][0]["text"], p["choices"][0]["finish_reason"]) for p in payloads]
+    assert pieces == [(0, "a", None), (0, "b", None), (0, "cd", None), (1, "xy", None), (1, "", "stop"),
+                      (0, "e", None), (0, "", "length")]
+    assert rest[-1] == "data: [DONE]\n\n"
 
 
 def test_completions_streaming_and_not_and_max_tokens_gives_length(client):

@@ -165,11 +165,20 @@ async def _stream(kind, rid, model, created, gen: GenerationRequest, events: asy
         if kind == "chat":
             for i in range(gen.n):
                 yield _sse(chunk(kind, rid, model, created, i, role=True))
-        finished, completion_tokens = 0, 0
+        finished, completion_tokens, pending = 0, 0, None
         while finished < gen.n:
-            event = await events.get()
+            event, pending = pending or await events.get(), None
             if event[0] == "delta":
-                yield _sse(chunk(kind, rid, model, created, event[1], text=event[2]))
+                # Deltas of one choice that queued up while this coroutine waited for the event loop go out
+                # as one chunk: the client sees the same text, and this thread, which shares the GIL with
+                # the decode loop, formats and writes one chunk instead of several.
+                text = event[2]
+                while not events.empty():
+                    pending = events.get_nowait()
+                    if pending[0] != "delta" or pending[1] != event[1]:
+                        break
+                    text, pending = text + pending[2], None
+                yield _sse(chunk(kind, rid, model, created, event[1], text=text))
             elif event[0] == "finish":
                 finished += 1
                 completion_tokens += event[3]
