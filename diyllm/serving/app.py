@@ -1,7 +1,7 @@
 """The HTTP application: OpenAI-compatible routes, Server-Sent Events, the chat page, errors.
 
 Routes: GET / (chat page), GET /health, GET /v1/models, POST /v1/chat/completions, POST /v1/completions.
-Handlers only validate, tokenize and wait: generation happens in the `BatchScheduler` thread, whose events
+Handlers only validate, tokenize and wait: generation happens in the `BatchScheduler` loop, whose events
 come back through a thread-safe hop onto the event loop (`loop.call_soon_threadsafe`). Every error is an
 OpenAI error object; a streamed reply ends with `data: [DONE]`. When a client goes away, its request is
 marked cancelled and the decode loop drops its rows at the next step (the slot is free again).

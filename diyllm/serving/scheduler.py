@@ -1,4 +1,4 @@
-"""The decode loop behind the server: continuous batching in one background thread.
+"""The decode loop behind the server: continuous batching in one thread (`diyllm serve`: the main one).
 
 Every request becomes one or more rows (`n` choices). The loop repeats:
 
@@ -7,11 +7,13 @@ Every request becomes one or more rows (`n` choices). The loop repeats:
 2. sample one token for every active row at once (each row with its own temperature, top-p, penalties
    and random generator), turn it into text and hand the text to the request's callback;
 3. drop rows that finished (stop token, stop string, max_tokens, cancelled), packing the batch;
-4. one decode step for all remaining rows together (`SlotKVCache.decode`).
+4. one decode step for all remaining rows together (`SlotKVCache.decode`, or with `compile` one compiled
+   static-cache step whose rows write at their own columns: `_decode_compiled`).
 
 So rows join and leave between steps and no request waits for another one to end. Everything runs in this
-thread: the HTTP event loop only puts requests in and receives events through `emit`, and torch releases
-the GIL while it computes, so the server keeps answering (e.g. /health) during a long generation.
+loop's thread: the HTTP event loop (in another thread) only puts requests in and receives events through
+`emit`, and torch releases the GIL while it computes, so the server keeps answering (e.g. /health) during a
+long generation. Why the loop, not the HTTP server, gets the main thread: `BatchScheduler.run`.
 
 Requests beyond the free slots wait in a FIFO queue (first come, first served) of at most `max_queue`
 requests; `submit` raises `QueueFull` beyond it (the server answers 503).
@@ -99,7 +101,8 @@ class _Row:
 
 
 class BatchScheduler:
-    """Owns the model, the slot cache and the decode thread. `max_batch` rows decode together."""
+    """Owns the model, the slot cache and the decode loop (`run`, or a thread of its own: `start`). `max_batch`
+    rows decode together."""
 
     def __init__(self, model: nn.Module, tokenizer: Any, max_batch: int = 16, max_queue: int = 64,
                  compile: bool = False):
