@@ -93,6 +93,8 @@ def timed(fn) -> float:
     return time.perf_counter() - start
 
 
+QUANTIZED = ("int8", "w8a8")  # the quantize= choices timed (eager and compiled) with --int8, the default
+
 SHAPES = {
     "small": dict(d_model=128, num_layers=4, num_heads=4, d_ff=344),
     "medium": dict(d_model=384, num_layers=6, num_heads=6, d_ff=1024),
@@ -127,30 +129,25 @@ def bench(cfg: DIYConfig, args) -> dict[str, float]:
     if hf is not None:
         with torch.inference_mode():
             hf.generate(hf_ids, do_sample=False, max_new_tokens=8, eos_token_id=None, pad_token_id=0)
-    if args.int8:
-        generate(model, prompt, 8, temperature=0, quantize="int8")
+    schemes = QUANTIZED if args.int8 else ()
+    for scheme in schemes:
+        generate(model, prompt, 8, temperature=0, quantize=scheme)
         if args.compile:
-            first = timed(lambda: generate(model, prompt, 8, temperature=0, quantize="int8", compile=True))
-            took = compile_seconds(quantized_copy(model))
-            print(f"int8 compile: {took if took is not None else float('nan'):.1f}s (first compiled call {first:.1f}s)")
-            generate(model, prompt, 8, temperature=0, quantize="w8a8")
-            first = timed(lambda: generate(model, prompt, 8, temperature=0, quantize="w8a8", compile=True))
-            took = compile_seconds(quantized_copy(model, "w8a8"))
-            print(f"w8a8 compile: {took if took is not None else float('nan'):.1f}s (first compiled call {first:.1f}s)")
-    times: dict[str, list[float]] = {"cache": [], "no cache": [], "hf": [], "compiled": [], "int8": [],
-                                     "int8+comp": [], "w8a8": [], "w8a8+comp": []}
+            first = timed(lambda s=scheme: generate(model, prompt, 8, temperature=0, quantize=s, compile=True))
+            took = compile_seconds(quantized_copy(model, scheme))
+            print(f"{scheme} compile: {took if took is not None else float('nan'):.1f}s "
+                  f"(first compiled call {first:.1f}s)")
+    times: dict[str, list[float]] = {"cache": [], "no cache": [], "hf": [], "compiled": [],
+                                     **{k: [] for s in QUANTIZED for k in (s, f"{s}+comp")}}
     for r in range(args.rounds):
         times["cache"].append(timed(lambda: ours(True)))
         if args.compile:
             times["compiled"].append(timed(lambda: generate(model, prompt, args.new, temperature=0, compile=True)))
-        if args.int8:
-            times["int8"].append(timed(lambda: generate(model, prompt, args.new, temperature=0, quantize="int8")))
+        for scheme in schemes:
+            times[scheme].append(timed(lambda s=scheme: generate(model, prompt, args.new, temperature=0, quantize=s)))
             if args.compile:
-                times["int8+comp"].append(timed(lambda: generate(model, prompt, args.new, temperature=0,
-                                                                  quantize="int8", compile=True)))
-                times["w8a8"].append(timed(lambda: generate(model, prompt, args.new, temperature=0, quantize="w8a8")))
-                times["w8a8+comp"].append(timed(lambda: generate(model, prompt, args.new, temperature=0,
-                                                                  quantize="w8a8", compile=True)))
+                times[f"{scheme}+comp"].append(timed(lambda s=scheme: generate(model, prompt, args.new, temperature=0,
+                                                                               quantize=s, compile=True)))
         if r < max(1, args.rounds // 2):  # the slow reference: fewer rounds are enough
             times["no cache"].append(timed(lambda: ours(False)))
         if hf is not None:

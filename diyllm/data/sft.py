@@ -79,29 +79,28 @@ def iter_conversations(path: str, field: str = CONVERSATIONS_FIELD) -> Iterator[
         yield number, at, validate_conversation(_as_messages(value, at), at)
 
 
-def read_conversations(spec, split: str | None = None, field: str = CONVERSATIONS_FIELD) -> list[list[dict]]:
-    """Validated conversations of a file/folder/glob/hf: spec; split "train"/"val" applies the hash hold-out."""
-    out = []
+def iter_held_out(spec, field: str = CONVERSATIONS_FIELD) -> Iterator[tuple[str, list[dict]]]:
+    """("train" | "val" by the hash hold-out, conversation) for every validated conversation of `spec`, in
+    file order (each file read once, one conversation in memory at a time)."""
     for path in conversation_files(spec):
         for number, _, conv in iter_conversations(path, field):
-            if split is None or is_val_document(path, number) == (split == "val"):
-                out.append(conv)
-    return out
+            yield ("val" if is_val_document(path, number) else "train"), conv
+
+
+def read_conversations(spec, split: str | None = None, field: str = CONVERSATIONS_FIELD) -> list[list[dict]]:
+    """Validated conversations of a file/folder/glob/hf: spec; split "train"/"val" applies the hash hold-out."""
+    return [conv for side, conv in iter_held_out(spec, field) if split is None or side == split]
 
 
 def iter_split_conversations(spec, val_spec: str = "", field: str = CONVERSATIONS_FIELD
                              ) -> Iterator[tuple[str, list[dict]]]:
     """("train" | "val", conversation) for all of `spec` and all of `val_spec` when given, else with the
-    hash hold-out of `spec` (each file read once), in file order: one conversation in memory at a time."""
-    if val_spec:
-        for split, source in (("train", spec), ("val", val_spec)):
-            for path in conversation_files(source):
-                for _, _, conv in iter_conversations(path, field):
-                    yield split, conv
+    hash hold-out of `spec`."""
+    if not val_spec:
+        yield from iter_held_out(spec, field)
         return
-    for path in conversation_files(spec):
-        for number, _, conv in iter_conversations(path, field):
-            yield ("val" if is_val_document(path, number) else "train"), conv
+    for split, source in (("train", spec), ("val", val_spec)):
+        yield from ((split, conv) for _, conv in iter_held_out(source, field))
 
 
 def read_split_conversations(spec, val_spec: str = "", field: str = CONVERSATIONS_FIELD) -> dict[str, list]:

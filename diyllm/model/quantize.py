@@ -43,15 +43,21 @@ from diyllm.model.rope import RotaryEmbedding
 QUANTIZE_CHOICES = ("none", "int8", "w8a8")
 
 
+def quantize_rows(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """(q, s) with x ≈ q·s per row: q int8 in [-127, 127], s (rows, 1) float32 = max |x| / 127."""
+    x = x.float()
+    scale = x.abs().amax(dim=-1, keepdim=True).clamp(min=1e-12) / 127
+    return torch.round(x / scale).clamp(-127, 127).to(torch.int8), scale
+
+
 class Int8Linear(nn.Module):
     """y = x·(q·s)ᵀ with int8 q (out, in) and one scale per output row (buffers: nothing to train)."""
 
     def __init__(self, weight: torch.Tensor, act_dtype: torch.dtype = torch.bfloat16):
         super().__init__()
         self.out_features, self.in_features = weight.shape
-        w = weight.detach().float()
-        scale = w.abs().amax(dim=1).clamp(min=1e-12) / 127
-        q = torch.round(w / scale[:, None]).clamp(-127, 127).to(torch.int8)
+        q, scale = quantize_rows(weight.detach())  # the weights' rows; W8A8Linear rounds its inputs the same way
+        scale = scale[:, 0]
         # The CPU kernel reads the inner dimension in blocks of 16 (with any other width it returns garbage),
         # so the columns are zero-padded to a multiple of 16 and each input row is padded to match.
         self.pad = -self.in_features % 16
@@ -75,13 +81,6 @@ class Int8Linear(nn.Module):
 
 HAS_INT8_MM = hasattr(torch.ops.aten, "_weight_int8pack_mm")
 HAS_INT_MM = hasattr(torch, "_int_mm")
-
-
-def quantize_rows(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """(q, s) with x ≈ q·s per row: q int8 in [-127, 127], s (rows, 1) float32 = max |x| / 127."""
-    x = x.float()
-    scale = x.abs().amax(dim=-1, keepdim=True).clamp(min=1e-12) / 127
-    return torch.round(x / scale).clamp(-127, 127).to(torch.int8), scale
 
 
 class W8A8Linear(Int8Linear):

@@ -34,8 +34,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--device", default="auto", help="auto, cpu, cuda, mps")
     parser.add_argument("--log-level", default="warning", help="uvicorn log level (info shows every request)")
     parser.add_argument("--compile", action="store_true",
-                        help="decode through a torch.compile'd static-cache step (all --max-concurrency slots at "
-                             "once; compiled on the first request)")
+                        help="decode through a torch.compile'd static-cache step (one graph for any number of "
+                             "active rows; compiled on the first request)")
     parser.add_argument("--quantize", choices=QUANTIZE_CHOICES, default="none",
                         help="int8: serve an int8-weight, bfloat16 copy of the model (CPU: ~2.5x faster decoding); "
                              "w8a8: int8 activations too (fastest with --compile)")

@@ -303,22 +303,23 @@ class BatchScheduler:
         self._cache.lengths[last] = 0
 
     def _decode(self) -> None:
-        if self._decoder is not None:
-            return self._decode_compiled()
         B = len(self._rows)
-        view, positions, mask = self._cache.decode(B)
-        ids = self._tokens[:B, None]
-        out = self.model(ids, positions=positions, attn_mask=mask, kv_cache=view, last_logits_only=True)
-        self._logits[:B] = out.logits[:, -1].float()
+        if self._decoder is not None:
+            self._decode_compiled(B)
+        else:
+            view, positions, mask = self._cache.decode(B)
+            ids = self._tokens[:B, None]
+            out = self.model(ids, positions=positions, attn_mask=mask, kv_cache=view, last_logits_only=True)
+            self._logits[:B] = out.logits[:, -1].float()
         self.steps += 1
         self.peak_batch = max(self.peak_batch, B)
 
-    def _decode_compiled(self) -> None:
+    def _decode_compiled(self, B: int) -> None:
         """The same step through the compiled decoder: the active rows (at least 2, a size the graph takes
         as dynamic; a free slot in there writes into the cache's spare column, sees column 0 only, and its
         logits are dropped), each row's token at its own column, a mask of what each row may see, as wide
         as the longest row needs."""
-        B, dec, cache = len(self._rows), self._decoder, self._decoder.cache
+        dec, cache = self._decoder, self._decoder.cache
         rows = max(B, 2) if self.max_batch >= 2 else None  # None: one static row
         lengths = self._cache.lengths
         filled = torch.tensor(lengths, device=self.device)  # free slots hold 0
@@ -329,7 +330,5 @@ class BatchScheduler:
         dec.tokens.copy_(self._tokens[:, None])
         logits = dec.step(self.model, max(lengths[:B]), rows)
         self._logits[:B] = logits[:B].float()
-        for b in range(B):
+        for b in range(B):  # the static cache keeps no lengths of its own (`advance` does nothing)
             lengths[b] += 1
-        self.steps += 1
-        self.peak_batch = max(self.peak_batch, B)

@@ -332,6 +332,7 @@ def global_norm(tensors: list[torch.Tensor]) -> torch.Tensor:
     return torch.linalg.vector_norm(torch.stack(per_tensor_norms(tensors)))
 
 
+@torch.no_grad()
 def clip_grad_norm_(parameters: Iterable[torch.nn.Parameter], max_l2_norm: float, eps: float = 1e-6) -> torch.Tensor:
     """Scale all gradients together so their global L2 norm is at most max_l2_norm; return the norm
     before clipping. Clipping the *global* norm keeps the update's direction, only its length shrinks."""
