@@ -57,4 +57,9 @@ def main() -> None:
 
 
 if __name__ == "__main__":
-    main()
+    from diyllm.errors import UserError
+
+    try:
+        main()
+    except UserError as exc:  # a missing checkpoint or dataset: one line, not a traceback
+        raise SystemExit(f"error: {exc}") from None
