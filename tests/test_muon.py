@@ -197,18 +197,19 @@ def test_muon_training_learns_and_resumes_bit_identically(tiny_data, tmp_path):
     assert bufs and all(s["momentum_buffer"].abs().sum() > 0 for s in bufs)  # Muon's state is in the file
 
 
-def test_the_speedrun_config_builds_its_model_and_muon(tmp_path):
+@pytest.mark.parametrize("name,vocab", [("shakespeare_char_speedrun", 65), ("shakespeare_speedrun", 512)])
+def test_the_speedrun_configs_build_their_model_and_muon(tmp_path, name, vocab):
     from diyllm.model import DIYForCausalLM
     from diyllm.training.build import build_optimizer, model_config_from
     from diyllm.training.config import load_config
 
-    cfg = load_config("shakespeare_char_speedrun", [f"--out_dir={tmp_path}"])
-    model = DIYForCausalLM(model_config_from(cfg, 65))
+    cfg = load_config(name, [f"--out_dir={tmp_path}"])
+    model = DIYForCausalLM(model_config_from(cfg, vocab))
     assert model.config.qk_norm and model.config.mlp == "swiglu" and model.config.logit_softcap > 0
     assert model.layers[0].attn.output_proj.weight.abs().sum() == 0  # zero_init_proj
     opt = build_optimizer(cfg, model)
     assert isinstance(opt, Muon) and sum(g["use_muon"] for g in opt.param_groups) == 1
-    x = torch.randint(0, 65, (2, cfg.context_length))
+    x = torch.randint(0, vocab, (2, cfg.context_length))
     model(x, targets=x).loss.backward()
     opt.step()  # a zero-initialised matrix gets a non-zero orthogonalised update
     assert model.layers[0].attn.output_proj.weight.abs().sum() > 0

@@ -2,7 +2,7 @@
 
 SOURCE is a text file, a folder (its .txt/.md/.rst/.py/.jsonl/.parquet/.jsonl.gz/.jsonl.zst files), a
 glob, a JSONL/Parquet file (column --text_field, default "text"), hf:OWNER/DATASET[/PATH-GLOB] (files
-downloaded from the Hugging Face Hub into its cache), or a recipe: pystdlib, shakespeare,
+downloaded from the Hugging Face Hub into its cache), or a recipe: pystdlib, shakespeare, shakespeare_bpe512,
 shakespeare_char, tinystories, fineweb_edu, minimind.
 
 Output folder: shards of --shard_tokens token ids (raw little-endian uint16, or uint32 above 65536

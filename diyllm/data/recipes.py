@@ -3,6 +3,7 @@
   pystdlib          the Python standard library's .py files on this machine (offline, ~13 MB; tests,
                     site-packages and caches excluded; one document per file, files sorted), BPE 4096
   shakespeare       tinyshakespeare (1.1 MB), BPE 2048
+  shakespeare_bpe512  tinyshakespeare, BPE 512 (the shakespeare_speedrun config's)
   shakespeare_char  tinyshakespeare, one token per character (vocab 65)
   tinystories       roneneldan/TinyStories from the Hugging Face Hub (Parquet, ~1 GB), BPE 8192
   fineweb_edu       HuggingFaceFW/fineweb-edu sample-10BT (14 Parquet files, ~28 GB; --max_shards N), GPT-2's
@@ -116,6 +117,10 @@ RECIPES: dict[str, Recipe] = {
     "shakespeare": Recipe(
         "shakespeare", "tinyshakespeare with a BPE tokenizer", _shakespeare_inputs,
         {"tokenizer_kind": "bpe", "vocab_size": 2048},
+    ),
+    "shakespeare_bpe512": Recipe(
+        "shakespeare_bpe512", "tinyshakespeare with a 512-token BPE tokenizer (the speedrun's)", _shakespeare_inputs,
+        {"tokenizer_kind": "bpe", "vocab_size": 512},
     ),
     "shakespeare_char": Recipe(
         "shakespeare_char", "tinyshakespeare, one token per character", _shakespeare_inputs, {"tokenizer_kind": "char"}
