@@ -3,7 +3,7 @@
     NANOGPT_SRC=~/src/nanoGPT python benchmarks/bench_speedrun.py          # both, side by side
     python benchmarks/bench_speedrun.py                                    # vs nanoGPT's published figures
     python benchmarks/bench_speedrun.py --ablate --iters 250               # the ablation table (per step)
-    python benchmarks/bench_speedrun.py --ablate --config shakespeare_speedrun --iters 800
+    python benchmarks/bench_speedrun.py --ablate --config shakespeare_speedrun --iters 720
 
 nanoGPT (never vendored: NANOGPT_SRC points at a checkout) runs its README command
   train.py config/train_shakespeare_char.py --device=cpu --compile=False --eval_iters=20 --log_interval=1
