@@ -151,7 +151,10 @@ def run_diyllm(data_dir: str, out: Path, extra: list[str], config: str) -> dict:
     # nats per character: bits per byte x ln 2 (ASCII text); for the character data this is val_loss itself
     evals = [(r["time"] + startup, r["iter"], r["val_bpb"] * math.log(2)) for r in records if r["event"] == "eval"]
     train = [r for r in records if r["event"] == "train"]
-    ms = 1000 * (train[-1]["time"] - train[0]["time"]) / max(1, train[-1]["iter"] - train[0]["iter"]) if train else 0
+    if len(train) >= 2:  # between two train log lines: steps only
+        ms = 1000 * (train[-1]["time"] - train[0]["time"]) / (train[-1]["iter"] - train[0]["iter"])
+    else:  # a run shorter than two log lines: the whole run, evaluations included
+        ms = 1000 * end["time"] / max(1, end["iter"])
     return {"name": "diyllm", "wall": total, "evals": evals, "ms_per_step": ms}
 
 
