@@ -212,10 +212,9 @@ def test_a_missing_data_dir_names_the_prepare_command(tmp_path):
     """The hint names the recipe of the folder's name (the default --out of `diyllm prepare RECIPE`), so the
     speedrun's data/shakespeare_bpe512 is not told to prepare characters."""
     from diyllm.data.recipes import RECIPES
-    from diyllm.training.data_source import read_meta as read_run_meta
 
     assert RECIPES["shakespeare_bpe512"].defaults == {"tokenizer_kind": "bpe", "vocab_size": 512}
     with pytest.raises(UserError, match=r"`diyllm prepare shakespeare_bpe512 --out .*shakespeare_bpe512`"):
-        read_run_meta(tmp_path / "shakespeare_bpe512")
+        read_meta(tmp_path / "shakespeare_bpe512")
     with pytest.raises(UserError, match=r"`diyllm prepare SOURCE --out .*mine`"):
-        read_run_meta(tmp_path / "mine")
+        read_meta(tmp_path / "mine")

@@ -31,11 +31,23 @@ DTYPES = ("uint16", "uint32", "int32", "int64")
 ID_SAMPLE = 1 << 15  # ids checked against vocab_size at the start and end of each shard
 
 
+def prepare_hint(data_dir: str | os.PathLike) -> str:
+    """The prepare command for a missing data_dir: the recipe of that name when there is one (data/pystdlib,
+    data/shakespeare_bpe512: `diyllm prepare RECIPE`'s default --out), else the general form."""
+    from diyllm.data.recipes import RECIPES
+
+    name = Path(data_dir).name
+    if name in RECIPES:
+        return f"e.g. `diyllm prepare {name} --out {data_dir}`"
+    return f"e.g. `diyllm prepare SOURCE --out {data_dir}` (a shipped config's first lines name its command)"
+
+
 def read_meta(data_dir: str | os.PathLike) -> dict[str, Any]:
     """The dataset's meta.json, with a clear error when the folder is not a prepared dataset."""
     path = Path(data_dir) / "meta.json"
     if not Path(data_dir).is_dir():
-        raise UserError(f"{data_dir} is not a prepared dataset (no such folder); run `diyllm prepare` first")
+        raise UserError(f"{data_dir} is not a prepared dataset (no such folder); run `diyllm prepare` first, "
+                        f"{prepare_hint(data_dir)}")
     try:
         with open(path, encoding="utf-8") as f:
             meta = json.load(f)

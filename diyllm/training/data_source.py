@@ -9,7 +9,6 @@ on conversations are three sources behind the same loop; `make_source(cfg)` pick
 
 from __future__ import annotations
 
-import json
 import os
 import warnings
 from pathlib import Path
@@ -111,28 +110,6 @@ class MemmapSource:
 
     def load_state_dict(self, state: dict) -> None:
         self.batcher.load_state_dict(state)
-
-
-def prepare_hint(data_dir: Path) -> str:
-    """The prepare command for a missing data_dir: the recipe of that name when there is one (data/pystdlib,
-    data/shakespeare_bpe512), else the general form (a shipped config's header names its own)."""
-    from diyllm.data.recipes import RECIPES
-
-    if data_dir.name in RECIPES:
-        return f"e.g. `diyllm prepare {data_dir.name} --out {data_dir}`"
-    return f"e.g. `diyllm prepare SOURCE --out {data_dir}` (a shipped config's first lines name its command)"
-
-
-def read_meta(data_dir: Path) -> dict:
-    path = data_dir / "meta.json"
-    if not data_dir.is_dir():
-        raise UserError(f"data_dir {data_dir} does not exist; prepare it first, {prepare_hint(data_dir)}")
-    if not path.exists():
-        raise UserError(f"{path} is missing: {data_dir} is not a prepared dataset (run `diyllm prepare`)")
-    try:
-        return json.loads(path.read_text(encoding="utf-8"))
-    except json.JSONDecodeError as exc:
-        raise UserError(f"{path} is not valid JSON: {exc}") from exc
 
 
 def load_tokenizer_file(path: Path) -> Any:
