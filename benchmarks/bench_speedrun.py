@@ -100,9 +100,10 @@ def run_nanogpt(src: Path, scratch: Path, threads: int = 0) -> dict:
     return {"name": "nanoGPT", "wall": total, "evals": evals}
 
 
+ON_CHARACTERS = "characters instead of BPE 512 (shakespeare_char data)"  # the same keys, the char dataset
 LONG_ABLATIONS = {
     "recipe": [],
-    "characters instead of BPE 512 (shakespeare_char data)": ["char"],
+    ON_CHARACTERS: [],
     "4 heads of 32 instead of 2 of 64": ["--num_heads=4"],
     "d_ff 344 instead of 512": ["--d_ff=344"],
     "soft-cap 15 instead of 30": ["--logit_softcap=15"],
@@ -162,6 +163,12 @@ def first_time_below(evals: list[tuple[float, int, float]], target: float) -> fl
     return next((t for t, _, v in evals if v <= target), None)
 
 
+def reached_fast(evals: list[tuple[float, int, float]], nano_wall: float) -> str:
+    """When a run first reached TARGET_FAST, in seconds and as a share of nanoGPT's wall time."""
+    t = first_time_below(evals, TARGET_FAST)
+    return "n/a" if t is None else f"{t:.1f}s = {100 * t / nano_wall:.0f}%"
+
+
 def best_within(evals: list[tuple[float, int, float]], seconds: float) -> float:
     return min((v for t, _, v in evals if t <= seconds), default=float("nan"))
 
@@ -196,9 +203,7 @@ def ablate(args, data_dir: str, scratch: Path) -> None:
     rows = []
     table = LONG_ABLATIONS if args.config == "shakespeare_speedrun" else ABLATIONS
     for name, extra in table.items():
-        data = data_dir
-        if extra == ["char"]:  # the same recipe on the character dataset
-            data, extra = diyllm_data(scratch, None, "shakespeare_char_speedrun"), []
+        data = diyllm_data(scratch, None, "shakespeare_char_speedrun") if name == ON_CHARACTERS else data_dir
         out = scratch / re.sub(r"\W+", "_", name)
         r = run_diyllm(data, out, [f"--max_iters={args.iters}", f"--eval_interval={args.iters}", *args.extra,
                                    *extra], args.config)
@@ -247,12 +252,10 @@ def main() -> None:
             print(f"nanoGPT (published, NANOGPT_SRC unset): val {nano_val} in ~{nano_wall:.0f}s")
         ours = run_diyllm(data_dir, scratch / "diyllm", args.extra, args.config)
         runs.append(ours)
-        fast = first_time_below(ours["evals"], TARGET_FAST)
         print(f"diyllm {args.config}: final val {ours['evals'][-1][2]:.4f} in {ours['wall']:.1f}s "
               f"({ours['ms_per_step']:.0f} ms/step)")
-        print(f"  reached val {TARGET_FAST} after {fast if fast is None else round(fast, 1)}s = "
-              f"{'n/a' if fast is None else f'{100 * fast / nano_wall:.0f}%'} of nanoGPT's {nano_wall:.1f}s "
-              "(target <= 25%)")
+        print(f"  reached val {TARGET_FAST} after {reached_fast(ours['evals'], nano_wall)} of nanoGPT's "
+              f"{nano_wall:.1f}s (target <= 25%)")
         ours["name"] = f"diyllm {args.config}"
         runs_for_good = [ours]
         if args.long_config:
@@ -263,11 +266,9 @@ def main() -> None:
             runs_for_good.append(long)
             end, whole = long["evals"][-1][0], whole_val_nats_per_char(scratch / "diyllm_long", long_data)
             long["whole_val"] = whole
-            fast_long = first_time_below(long["evals"], TARGET_FAST)
             print(f"diyllm {args.long_config}: final val {long['evals'][-1][2]:.4f} at {end:.1f}s "
                   f"({long['ms_per_step']:.0f} ms/step; reached {TARGET_FAST} after "
-                  f"{'n/a' if fast_long is None else f'{fast_long:.1f}s = {100 * fast_long / nano_wall:.0f}%'} "
-                  "of nanoGPT's time)")
+                  f"{reached_fast(long['evals'], nano_wall)} of nanoGPT's time)")
             print(f"  its last checkpoint on the whole val split: {whole:.4f} nats/char, trained "
                   f"{'within' if end <= nano_wall else 'BEYOND'} nanoGPT's {nano_wall:.1f}s "
                   f"(target <= {TARGET_GOOD}: {'met' if whole <= TARGET_GOOD and end <= nano_wall else 'not met'})")
