@@ -14,25 +14,6 @@ import argparse
 import time
 
 import torch
-import torch.nn.functional as F
-
-
-def val_windows(data_dir: str, context: int, max_tokens: int) -> tuple[torch.Tensor, torch.Tensor]:
-    from diyllm.data.dataset import open_dataset
-
-    val = open_dataset(data_dir, require_val=True).split("val")
-    n = min(len(val) - 1, max_tokens) // context * context
-    ids = torch.from_numpy(val[: n + 1].astype("int64"))
-    return ids[:-1].view(-1, context), ids[1:].view(-1, context)
-
-
-@torch.no_grad()
-def mean_loss(model: torch.nn.Module, x: torch.Tensor, y: torch.Tensor, batch: int = 64) -> float:
-    total = 0.0
-    for i in range(0, len(x), batch):
-        logits = model(x[i : i + batch]).logits.float()
-        total += F.cross_entropy(logits.flatten(0, 1), y[i : i + batch].flatten(), reduction="sum").item()
-    return total / y.numel()
 
 
 def main() -> None:
@@ -41,17 +22,24 @@ def main() -> None:
     p.add_argument("--data_dir", required=True, help="the prepared dataset the model was trained on")
     p.add_argument("--max_tokens", type=int, default=2_000_000, help="score at most this many val tokens")
     args = p.parse_args()
+    from diyllm.data.dataset import open_dataset
     from diyllm.loading import load_model
     from diyllm.model.quantize import quantized_for
+    from diyllm.training.components import FinalSplitEval
+    from diyllm.training.distributed import DistInfo
+    from diyllm.training.objective import NextTokenLoss
 
-    model, _, _ = load_model(args.ckpt, device=torch.device("cpu"))
-    model.eval()
-    x, y = val_windows(args.data_dir, model.config.context_length, args.max_tokens)
-    print(f"{args.ckpt}: {y.numel():,} val tokens in windows of {model.config.context_length}")
+    cpu = torch.device("cpu")
+    model, _, _ = load_model(args.ckpt, device=cpu)
+    val = open_dataset(args.data_dir, require_val=True).split("val")
+    # the trainer's final_val_tokens scorer: consecutive windows of the context length, every token once
+    scorer = FinalSplitEval(val, model.config.context_length, args.max_tokens, 64, NextTokenLoss(), cpu,
+                            torch.float32, DistInfo(), None)
+    print(f"{args.ckpt}: {scorer.num_tokens:,} val tokens in windows of {model.config.context_length}")
     base = None
     for name in ("none", "int8", "w8a8"):
         start = time.perf_counter()
-        loss = mean_loss(model if name == "none" else quantized_for(model, name), x, y)
+        loss = scorer.evaluate(model if name == "none" else quantized_for(model, name))["val_loss"]
         base = loss if base is None else base
         print(f"  {name:<5} val loss {loss:.4f}  ({loss - base:+.4f} vs float32, {time.perf_counter() - start:.1f}s)")
 

@@ -22,11 +22,11 @@ the other on the same machine. Targets (issue 19):
 Every loss here is in nats per character of the same val text (the last 10% of tinyshakespeare.txt), the
 unit nanoGPT's character model reports: a BPE run's loss per token is converted through the trainer's
 val bits per byte (x ln 2; the text is ASCII, one byte per character). The trainer's evaluations average
-10 random batches and scatter by +-0.02-0.03, so the long run's last checkpoint is also scored on the whole
-val split (every character once, in windows of the context length): that figure is the one the target is
-judged by. The loss-vs-wall-clock curves go to --png. `--ablate` instead trains --config with one change
-undone at a time for --iters steps and prints the whole-val loss and ms/step (per-step quality does not
-depend on how busy the machine is; the ms/step column does).
+10 random batches and scatter by +-0.02-0.03, so the long run's last weights are also scored on the whole
+val split (the trainer's final_val_tokens: every token once, in windows of the context length): that figure
+is the one the target is judged by. The loss-vs-wall-clock curves go to --png. `--ablate` instead trains
+--config with one change undone at a time for --iters steps and prints the whole-val loss and ms/step
+(per-step quality does not depend on how busy the machine is; the ms/step column does).
 """
 
 from __future__ import annotations
@@ -100,6 +100,7 @@ def run_nanogpt(src: Path, scratch: Path, threads: int = 0) -> dict:
     return {"name": "nanoGPT", "wall": total, "evals": evals}
 
 
+WHOLE_VAL = "--final_val_tokens=1000000000"  # the trainer scores its last weights on the whole val split
 ON_CHARACTERS = "characters instead of BPE 512 (shakespeare_char data)"  # the same keys, the char dataset
 LONG_ABLATIONS = {
     "recipe": [],
@@ -122,20 +123,6 @@ def diyllm_data(scratch: Path, data_dir: str | None, config: str) -> str:
     return str(out)
 
 
-def whole_val_nats_per_char(run_dir: Path, data_dir: str) -> float:
-    """The run's last checkpoint scored on every val token once (benchmarks/bench_quantize_quality.py's
-    windows), summed and divided by the characters those tokens decode to."""
-    import torch
-    from bench_quantize_quality import mean_loss, val_windows
-
-    from diyllm.loading import load_model
-
-    model, tokenizer, _ = load_model(str(run_dir / "latest.pt"), device=torch.device("cpu"))
-    model.eval()
-    x, y = val_windows(data_dir, model.config.context_length, 10**9)
-    return mean_loss(model, x, y) * y.numel() / len(tokenizer.decode(y.flatten().tolist()))
-
-
 def run_diyllm(data_dir: str, out: Path, extra: list[str], config: str) -> dict:
     """diyllm train; evals from metrics.jsonl, shifted by the process's startup so both clocks start at
     launch (the trainer's own clock starts after imports and data loading). The startup is read off the
@@ -151,12 +138,15 @@ def run_diyllm(data_dir: str, out: Path, extra: list[str], config: str) -> dict:
     startup = arrived - first_eval["time"] if first_eval and arrived is not None else total - end["time"]
     # nats per character: bits per byte x ln 2 (ASCII text); for the character data this is val_loss itself
     evals = [(r["time"] + startup, r["iter"], r["val_bpb"] * math.log(2)) for r in records if r["event"] == "eval"]
+    # the trainer's final_val_tokens score: the last weights over the whole val split, every token once
+    final = next((r for r in records if r["event"] == "final_eval"), None)
     train = [r for r in records if r["event"] == "train"]
     if len(train) >= 2:  # between two train log lines: steps only
         ms = 1000 * (train[-1]["time"] - train[0]["time"]) / (train[-1]["iter"] - train[0]["iter"])
     else:  # a run shorter than two log lines: the whole run, evaluations included
         ms = 1000 * end["time"] / max(1, end["iter"])
-    return {"name": "diyllm", "wall": total, "evals": evals, "ms_per_step": ms}
+    return {"name": "diyllm", "wall": total, "evals": evals, "ms_per_step": ms,
+            "whole_val": final["val_bpb"] * math.log(2) if final else math.nan}
 
 
 def first_time_below(evals: list[tuple[float, int, float]], target: float) -> float | None:
@@ -183,9 +173,9 @@ def plot(runs: list[dict], nano_wall: float, path: Path) -> None:
     for r in runs:
         ts, vs = [t for t, _, _ in r["evals"]], [v for _, _, v in r["evals"]]
         line, = ax.plot(ts, vs, marker="o", ms=3, label=r["name"])
-        if "whole_val" in r:  # the last checkpoint on the whole val split: what the target is judged by
+        if not math.isnan(r.get("whole_val", math.nan)):  # the last weights on the whole val split
             ax.plot(ts[-1], r["whole_val"], marker="*", ms=11, color=line.get_color(), ls="none",
-                    label=f"{r['name']}, last checkpoint on the whole val split")
+                    label=f"{r['name']}, last weights on the whole val split")
     ax.axhline(TARGET_FAST, color="gray", ls="--", lw=0.8)
     ax.axhline(TARGET_GOOD, color="gray", ls=":", lw=0.8)
     ax.axvline(0.25 * nano_wall, color="tab:red", ls="--", lw=0.8, label="25% of nanoGPT's time")
@@ -205,9 +195,9 @@ def ablate(args, data_dir: str, scratch: Path) -> None:
     for name, extra in table.items():
         data = diyllm_data(scratch, None, "shakespeare_char_speedrun") if name == ON_CHARACTERS else data_dir
         out = scratch / re.sub(r"\W+", "_", name)
-        r = run_diyllm(data, out, [f"--max_iters={args.iters}", f"--eval_interval={args.iters}", *args.extra,
-                                   *extra], args.config)
-        rows.append((name, whole_val_nats_per_char(out, data), r["ms_per_step"]))
+        r = run_diyllm(data, out, [f"--max_iters={args.iters}", f"--eval_interval={args.iters}", WHOLE_VAL,
+                                   *args.extra, *extra], args.config)
+        rows.append((name, r["whole_val"], r["ms_per_step"]))
         print(f"{name:<28} whole val {rows[-1][1]:.4f}  {rows[-1][2]:7.1f} ms/step", flush=True)
     base = rows[0][1]
     print(f"\n| change (from {args.config}, {args.iters} steps) | whole-val loss (nats/char) | vs recipe | ms/step |"
@@ -260,16 +250,15 @@ def main() -> None:
         runs_for_good = [ours]
         if args.long_config:
             long_data = diyllm_data(scratch, args.long_data_dir, args.long_config)
-            long = run_diyllm(long_data, scratch / "diyllm_long", args.extra, args.long_config)
+            long = run_diyllm(long_data, scratch / "diyllm_long", [WHOLE_VAL, *args.extra], args.long_config)
             long["name"] = f"diyllm {args.long_config}"
             runs.append(long)
             runs_for_good.append(long)
-            end, whole = long["evals"][-1][0], whole_val_nats_per_char(scratch / "diyllm_long", long_data)
-            long["whole_val"] = whole
+            end, whole = long["evals"][-1][0], long["whole_val"]
             print(f"diyllm {args.long_config}: final val {long['evals'][-1][2]:.4f} at {end:.1f}s "
                   f"({long['ms_per_step']:.0f} ms/step; reached {TARGET_FAST} after "
                   f"{reached_fast(long['evals'], nano_wall)} of nanoGPT's time)")
-            print(f"  its last checkpoint on the whole val split: {whole:.4f} nats/char, trained "
+            print(f"  its last weights on the whole val split: {whole:.4f} nats/char, trained "
                   f"{'within' if end <= nano_wall else 'BEYOND'} nanoGPT's {nano_wall:.1f}s "
                   f"(target <= {TARGET_GOOD}: {'met' if whole <= TARGET_GOOD and end <= nano_wall else 'not met'})")
         good = min(best_within(r["evals"], nano_wall) for r in runs_for_good)

@@ -8,6 +8,7 @@ import subprocess
 import sys
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
 import torch.distributed as dist
@@ -106,7 +107,7 @@ def test_torchrun_train_end_to_end(tmp_path):
            "train", "shakespeare_char_cpu", f"--data_dir={data}", f"--out_dir={out}", "--max_iters=6",
            "--warmup_iters=1", "--gradient_accumulation_steps=2", "--eval_interval=3", "--eval_iters=2",
            "--checkpoint_interval=3", "--d_model=32", "--num_layers=1", "--d_ff=64", "--context_length=16",
-           "--progress=false", "--log_interval=1"]
+           "--progress=false", "--log_interval=1", "--final_val_tokens=1000000"]
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
     proc = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True, timeout=300, env=env)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
@@ -119,3 +120,16 @@ def test_torchrun_train_end_to_end(tmp_path):
     assert [r["iter"] for r in records if r["event"] == "eval"] == [0, 3, 6]
     assert records[0]["world_size"] == 2 and records[0]["tokens_per_iter"] == 12 * 2 * 16
     assert records[-1]["event"] == "end" and records[-1]["iterations"] == 6
+    # final_val_tokens: the two ranks scored every other window of the val split; together, what one process
+    # scores with the saved weights (the split has an odd number of windows: one rank runs a repeat, ignored)
+    from diyllm.training.checkpoint import load_model
+    from diyllm.training.components import FinalSplitEval
+    from diyllm.training.distributed import DistInfo
+    from diyllm.training.objective import NextTokenLoss
+
+    final = next(r for r in records if r["event"] == "final_eval")
+    val = np.fromfile(data / "val.bin", dtype=np.uint16)
+    scorer = FinalSplitEval(val, 16, 10**6, 12, NextTokenLoss(), torch.device("cpu"), torch.float32, DistInfo(), None)
+    assert len(scorer.starts) % 2 == 1 and final["val_tokens"] == scorer.num_tokens
+    model = load_model(out / "latest.pt")[0]
+    assert final["val_loss"] == pytest.approx(scorer.evaluate(model)["val_loss"], rel=1e-5)

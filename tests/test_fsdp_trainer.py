@@ -41,6 +41,7 @@ class CharStream(ShardedStream):
         super().__init__()
         self.tokenizer = CharTokenizer.train("abcdefghijklmnopqrstuvwxyz .,;:!?\nABCDEF")
         assert self.tokenizer.vocab_size == self.vocab_size
+        self.splits = {"val": self.data[-64:].flatten().numpy()}  # what final_val_tokens scores: 67 windows of 16
 
     def get_batch(self, split, batch_size, device):
         if split == "train":
@@ -64,7 +65,7 @@ def _worker(rank: int, world: int, port: int, out: str) -> None:
     dist.init_process_group("gloo", rank=rank, world_size=world)
     try:
         out = Path(out)
-        trainer = Trainer(fsdp_config(out / "full"), CharStream())
+        trainer = Trainer(fsdp_config(out / "full", final_val_tokens=10**6), CharStream())
         trainer.run()
         assert trainer.parallel.name == "fsdp" and type(trainer.model).__name__.startswith("FSDP")
         train(fsdp_config(out / "split", max_iters=2), CharStream())
@@ -93,6 +94,22 @@ def test_fsdp_training_equals_single_process_of_the_same_global_batch(runs, tmp_
     for name, value in expected.items():
         torch.testing.assert_close(got["model"][name], value, rtol=1e-4, atol=1e-6, msg=name)
     assert (runs / "full" / "latest" / ".metadata").is_file() and not (runs / "full" / "latest.pt").exists()
+
+
+def test_final_split_eval_under_fsdp_equals_one_process(runs):
+    """final_val_tokens on sharded weights: both ranks ran the same forwards (each a collective) over every other
+    window, and the sum is what one process scores with the consolidated weights."""
+    from diyllm.loading import load_model
+    from diyllm.training.components import FinalSplitEval
+    from diyllm.training.distributed import DistInfo
+    from diyllm.training.objective import NextTokenLoss
+
+    final = [r for r in read_metrics(runs / "full") if r["event"] == "final_eval"]
+    assert len(final) == 1 and final[0]["val_tokens"] == 67 * 16
+    model = load_model(runs / "full" / "latest")[0]
+    scorer = FinalSplitEval(CharStream().splits["val"], 16, 10**6, 2, NextTokenLoss(), torch.device("cpu"),
+                            torch.float32, DistInfo(), None)
+    assert final[0]["val_loss"] == pytest.approx(scorer.evaluate(model)["val_loss"], rel=1e-5)
 
 
 def test_fsdp_resume_is_bit_identical(runs):

@@ -75,6 +75,9 @@ class TrainConfig(ModelFields):
     # ---- evaluation, logging, checkpoints ----
     eval_interval: int = 250  # 0: only at the end
     eval_iters: int = 50
+    # at the end: the val loss over the split's first N tokens, each scored once (the whole split when it is
+    # shorter); the periodic evals' eval_iters random windows are quick but scatter. 0: off
+    final_val_tokens: int = 0
     log_interval: int = 10
     checkpoint_interval: int = 250  # latest.pt every this many iterations (and always at the end); 0: end only
     patience: int = 0  # early stopping after this many evals without val improvement; 0: off
@@ -151,7 +154,7 @@ class TrainConfig(ModelFields):
         for name in ("batch_size", "gradient_accumulation_steps", "max_iters", "log_interval"):
             need(getattr(self, name) > 0, f"{name} must be positive (got {getattr(self, name)})")
         for name in ("vocab_size", "warmup_iters", "lr_decay_iters", "eval_interval", "checkpoint_interval",
-                     "patience", "max_nonfinite_steps", "eval_iters", "num_threads",
+                     "patience", "max_nonfinite_steps", "eval_iters", "final_val_tokens", "num_threads",
                      "eval_tasks_interval", "eval_tasks_shots"):
             need(getattr(self, name) >= 0, f"{name} must be >= 0 (got {getattr(self, name)})")
         for name in ("learning_rate", "min_lr", "weight_decay", "grad_clip", "peak_flops"):

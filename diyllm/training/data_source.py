@@ -59,11 +59,6 @@ class BatchSource(Protocol):
     def load_state_dict(self, state: dict) -> None: ...
 
 
-def split_seed(seed: int, rank: int, split: str) -> np.random.SeedSequence:
-    """Independent, reproducible streams per (seed, rank, split)."""
-    return np.random.SeedSequence([int(seed), int(rank), SPLITS.index(split) if split in SPLITS else 99])
-
-
 class MemmapSource:
     """Windows from a prepared folder (sharded or single-file; see diyllm.data.dataset / shards).
 

@@ -76,6 +76,13 @@ def format_eval_line(rec: dict[str, Any]) -> str:
     return line
 
 
+def format_final_eval_line(rec: dict[str, Any]) -> str:
+    line = f"final eval @ {rec['iter']}: val loss {rec['val_loss']:.4f}"
+    if rec.get("val_bpb") is not None:
+        line += f" | val bpb {rec['val_bpb']:.4f}"
+    return line + f" over {rec['val_tokens']:,} val tokens, each scored once ({rec['seconds']:.1f}s)"
+
+
 def _human(x: float) -> str:
     for unit, scale in (("M", 1e6), ("k", 1e3)):
         if abs(x) >= scale:

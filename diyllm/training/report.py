@@ -24,6 +24,8 @@ class TrainResult:
     stop_reason: str = ""  # "" (ran to max_iters) | "early_stopping" | "signal"
     skipped_steps: int = 0  # optimizer steps skipped for a non-finite loss/gradient
     stop_signal: int = 0  # the signal number when stop_reason == "signal" (the CLI exits with 128 + it)
+    final_split_val_loss: float = math.nan  # final_val_tokens: the last weights over the val split
+    final_split_val_bpb: float | None = None
 
 
 class ThroughputWindow:
@@ -83,5 +85,7 @@ def initial_loss_line(loss: float, vocab_size: int) -> str:
 def footer_line(r: TrainResult) -> str:
     how = {"": "done", "signal": "stopped by signal", "early_stopping": "stopped early"}[r.stop_reason]
     return (f"{how}: {r.iterations} iterations, {r.tokens_seen:,} tokens in {r.wall_time_s:.1f}s; "
-            f"best val loss {r.best_val_loss:.4f}; checkpoints in {r.out_dir}"
+            f"best val loss {r.best_val_loss:.4f}"
+            + ("" if math.isnan(r.final_split_val_loss) else f", final over the val split {r.final_split_val_loss:.4f}")
+            + f"; checkpoints in {r.out_dir}"
             + (f"; {r.skipped_steps} non-finite steps skipped" if r.skipped_steps else ""))

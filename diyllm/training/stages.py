@@ -26,8 +26,8 @@ from diyllm.model import DIYForCausalLM
 from diyllm.sharded_checkpoints import ShardedCheckpointer
 from diyllm.training import build, resume
 from diyllm.training.checkpointer import SingleFileCheckpointer
-from diyllm.training.components import CheckpointSchedule, EarlyStopping, Evaluator
-from diyllm.training.data_source import make_source
+from diyllm.training.components import CheckpointSchedule, EarlyStopping, Evaluator, FinalSplitEval
+from diyllm.training.data_source import estimate_bytes_per_token, make_source
 from diyllm.training.device import resolve_device, resolve_dtype
 from diyllm.training.distributed import init_distributed
 from diyllm.training.fsdp import FullyShardedParallel, enable_activation_checkpointing
@@ -162,6 +162,26 @@ class SetupStages:
         resume.restore_data_position(ckpt, self.source, self.dist, self.warn)
         self._resume_ckpt = ckpt  # RNGs are restored at the very end of setup (_setup_outputs)
 
+    def _build_final_eval(self) -> FinalSplitEval:
+        """final_val_tokens: the end-of-run score over the val split (a prepared dataset, next-token loss)."""
+        from diyllm.training.objective import NextTokenLoss
+
+        val = getattr(self.source, "splits", {}).get("val")
+        if val is None:
+            raise UserError("final_val_tokens scores the val split of a prepared dataset (data_format bin); this "
+                            f"run reads {type(self.source).__name__} batches, so set final_val_tokens = 0 or "
+                            "train on a folder made by `diyllm prepare`")
+        if type(self.objective) is not NextTokenLoss:
+            raise UserError(f"final_val_tokens scores the next-token loss; this run trains with "
+                            f"{type(self.objective).__name__}, so set final_val_tokens = 0")
+        final = FinalSplitEval(val, self.seq_len, self.cfg.final_val_tokens, self.cfg.batch_size, self.objective,
+                               self.device, self.dtype, self.dist, None)
+        # bits per byte of exactly the scored targets (the periodic evals estimate it from a sample)
+        targets = val[1 : final.num_tokens + 1]
+        final.bytes_per_token = estimate_bytes_per_token(getattr(self.source, "tokenizer", None), targets,
+                                                         getattr(self.source, "meta", {}), max_tokens=len(targets))
+        return final
+
     def _setup_outputs(self) -> None:
         cfg, dist = self.cfg, self.dist
         # a data folder without tokenizer.json must not strip the tokenizer from the new checkpoints
@@ -183,6 +203,7 @@ class SetupStages:
         self.evaluator = Evaluator(self.source, self.objective, interval=cfg.eval_interval, iters=cfg.eval_iters,
                                    batch_size=cfg.batch_size, max_iters=cfg.max_iters, device=self.device,
                                    dtype=self.dtype, dist=dist, bytes_per_token=self.bytes_per_token)
+        self.final_eval = self._build_final_eval() if cfg.final_val_tokens else None
         self.checkpoints = CheckpointSchedule(cfg.checkpoint_interval, self.state.iteration)
         self.early_stopping = EarlyStopping(cfg.patience)
         # issue 18: benchmark evals (eval_tasks), a component that decides when it acts; rank 0 only

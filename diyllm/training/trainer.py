@@ -46,7 +46,7 @@ from diyllm.training.data_source import BatchSource
 from diyllm.training.device import autocast_context
 from diyllm.training.distributed import any_rank, cleanup_distributed
 from diyllm.training.loop_state import LoopState
-from diyllm.training.metrics import format_eval_line, format_train_line
+from diyllm.training.metrics import format_eval_line, format_final_eval_line, format_train_line
 from diyllm.training.objective import NextTokenLoss, Objective, ObjectiveOutput
 from diyllm.training.parallel import ParallelWrapper
 from diyllm.training.report import TrainResult
@@ -243,6 +243,16 @@ class Trainer(SetupStages):
             return "early_stopping"
         return ""
 
+    def _final_split_eval(self) -> dict:
+        """final_val_tokens: the last weights scored over the val split (components.FinalSplitEval)."""
+        started = time.perf_counter()
+        metrics = self.final_eval.evaluate(unwrap_model(self.model))  # eager: no recompile for the last batch
+        metrics["seconds"] = time.perf_counter() - started
+        self.metrics.log({"event": "final_eval", "iter": self.state.iteration, "tokens": self.state.tokens_seen,
+                          "time": self.elapsed(), **metrics})
+        self.log(format_final_eval_line({"iter": self.state.iteration, **metrics}))
+        return metrics
+
     def save(self, name: str) -> None:
         """A checkpoint with everything a resume needs (a collective: every rank calls it)."""
         entries = {"model_config": self.model_config.to_dict(), "train_config": self.cfg.to_dict(),
@@ -319,13 +329,15 @@ class Trainer(SetupStages):
 
     def _finish(self, stop_reason: str, last_loss: float) -> TrainResult:
         state = self.state
+        final = self._final_split_eval() if self.final_eval is not None and stop_reason != "signal" else {}
         result = TrainResult(
             out_dir=str(self.out_dir), iterations=state.iteration, tokens_seen=state.tokens_seen,
             best_val_loss=state.best_val_loss, final_train_loss=state.last_eval.get("train_loss", last_loss),
             final_val_loss=state.last_eval.get("val_loss", math.nan), wall_time_s=self.elapsed(),
             num_params=self.num_params, stopped_early=bool(stop_reason), stop_reason=stop_reason,
             skipped_steps=self.health.total_nonfinite,
-            stop_signal=self.stop_signal.signum if stop_reason == "signal" else 0)
+            stop_signal=self.stop_signal.signum if stop_reason == "signal" else 0,
+            final_split_val_loss=final.get("val_loss", math.nan), final_split_val_bpb=final.get("val_bpb"))
         self.metrics.log({"event": "end", "iter": state.iteration, "tokens": state.tokens_seen,
                           "time": self.elapsed(), **dataclasses.asdict(result)})
         if self.bar is not None:
