@@ -69,7 +69,7 @@ def test_dpo_with_lora_raises_held_out_preference_accuracy_from_chance(lab, tmp_
         rows = PreferenceSource(TrainConfig(context_length=model.config.context_length,
                                             data_dir=str(tmp_path / "val.jsonl"),
                                             val_data=str(tmp_path / "val.jsonl")), tok, log=lambda *a: None).rows["val"]
-        return preference_accuracy(model, rows.x, rows.y, rows.mask)
+        return preference_accuracy(model, *rows.padded())
 
     before = held_out_accuracy(out / "sft" / "best.pt")
     assert 0.3 <= before <= 0.7  # an untrained preference: about chance

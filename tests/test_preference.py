@@ -97,3 +97,58 @@ def test_synthetic_pairs_reject_a_wrong_answer_of_the_same_shape():
         if r["task"] == "spell":
             assert len(r["rejected"]) == len(r["chosen"])
     assert not {r["prompt"][-1]["content"] for r in train} & {r["prompt"][-1]["content"] for r in val}
+
+
+def test_pairs_are_held_compactly_and_batches_are_the_padded_rows(tmp_path):
+    """Each pair is kept as its real tokens (uint16 ids, uint8 mask); a batch is the chosen rows, then the
+    rejected ones, laid out as right-padded rows of context_length (or, with dynamic_padding, cut after the
+    last trained column), with the same DPO log-probabilities either way."""
+    import numpy as np
+    import torch
+
+    from diyllm.data.jsonl import IGNORE_INDEX
+    from diyllm.data.preference import PreferenceSource, encode_reply, read_pairs
+    from diyllm.model import DIYConfig, DIYForCausalLM
+    from diyllm.training.post_losses import sequence_logps
+
+    rows = [{"prompt": f"question {i}?", "chosen": "yes " * (1 + i % 4), "rejected": f"no {i}"} for i in range(40)]
+    _write(tmp_path / "train.jsonl", rows)
+    _write(tmp_path / "val.jsonl", rows[:4])
+    T = 96
+    cfg = dict(context_length=T, data_dir=str(tmp_path / "train.jsonl"), val_data=str(tmp_path / "val.jsonl"), seed=0)
+    tok = _tok()
+    src = PreferenceSource(SimpleNamespace(**cfg), tok)
+    store = src.rows["train"]
+    assert store.chosen.ids.dtype == np.uint16 and store.chosen.mask.dtype == np.uint8
+    real = sum(len(encode_reply(tok, p.prompt, side)[0])
+               for p in read_pairs(tmp_path / "train.jsonl") for side in (p.chosen, p.rejected))
+    assert store.chosen.ids.size + store.rejected.ids.size == real  # nothing padded in memory
+
+    def padded_row(ids, mask):  # the plain layout, written out
+        x, y, m = np.zeros(T, np.int64), np.full(T, IGNORE_INDEX, np.int64), np.zeros(T, np.float32)
+        x[: len(ids) - 1], y[: len(ids) - 1], m[: len(ids) - 1] = ids[:-1], ids[1:], mask[1:]
+        return x, y, m
+
+    pairs = read_pairs(tmp_path / "train.jsonl")
+    order = src.order["train"].order[:3]  # the first batch's pairs
+    batch = src.get_batch("train", 3, "cpu")
+    for k, i in enumerate(order):
+        for side, row in ((pairs[i].chosen, k), (pairs[i].rejected, 3 + k)):
+            expected = padded_row(*encode_reply(tok, pairs[i].prompt, side))
+            for got, want in zip((batch.x[row], batch.y[row], batch.mask[row]), expected):
+                assert np.array_equal(got.numpy(), want)
+    x, y, m = src.rows["val"].padded()
+    assert x.shape == (4, 2, T) and np.array_equal(x[:, 1], src.rows["val"].rejected.padded(np.arange(4))[0])
+
+    trimmed = PreferenceSource(SimpleNamespace(**cfg, dynamic_padding=True), tok, log=lambda *a: None)
+    short = trimmed.get_batch("train", 3, "cpu")
+    width = short.x.shape[1]
+    assert width < T and int(batch.mask[:, width:].sum()) == 0 and torch.equal(short.x, batch.x[:, :width])
+    torch.manual_seed(0)
+    model = DIYForCausalLM(DIYConfig(vocab_size=tok.vocab_size, context_length=T, d_model=32, num_layers=1,
+                                     num_heads=2, d_ff=64)).eval()
+    with torch.no_grad():
+        full = sequence_logps(model(batch.x).logits, batch.y, batch.mask)
+        cut = sequence_logps(model(short.x).logits, short.y, short.mask)
+    torch.testing.assert_close(cut, full, rtol=1e-5, atol=1e-4)
+

@@ -62,7 +62,7 @@ def measure(model: Any, tok: Any, rl_val: list[dict], pref_rows: Any, show: int)
     from diyllm.training.dpo import preference_accuracy
 
     em, replies = exact_match(model, tok, rl_val, return_replies=True)
-    acc = preference_accuracy(model, pref_rows.x, pref_rows.y, pref_rows.mask)
+    acc = preference_accuracy(model, *pref_rows.padded())
     return {"exact_match": em, "preference_accuracy": acc, "replies": replies[:show]}
 
 

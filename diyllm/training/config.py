@@ -58,7 +58,7 @@ class TrainConfig(ModelFields):
     batch_sampling: str = "random"  # bin data: random windows | doc_aligned (each window starts a document)
     verify_data: bool = True  # bin data: check every shard's SHA-256 against meta.json on open (hashed once per change)
     # --- issue 20: dynamic padding ---
-    dynamic_padding: bool = False  # jsonl pad / sft: pad each batch to its longest row, not context_length
+    dynamic_padding: bool = False  # jsonl pad / sft / dpo: pad each batch to its longest row, not context_length
     conversations_field: str = "conversations"  # sft: the JSONL key / Parquet column holding the messages
     # ---- optimisation ----
     max_iters: int = 5000
