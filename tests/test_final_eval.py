@@ -116,3 +116,24 @@ def test_off_by_default_and_refused_without_a_token_split(tmp_path, capsys):
     assert not (tmp_path / "custom").exists()
     with pytest.raises(UserError, match="final_val_tokens must be >= 0"):
         tiny_cfg(data, tmp_path / "bad", final_val_tokens=-1)
+
+
+def test_compare_and_plot_show_the_whole_split_score(tmp_path):
+    from diyllm.lab.compare import compare_runs
+    from diyllm.lab.metrics import read_run
+    from diyllm.lab.plot import plot_runs
+
+    data = make_char_dataset(tmp_path / "data", n_chars=12_000)
+    train(tiny_cfg(data, tmp_path / "plain", max_iters=3))
+    table = compare_runs([tmp_path / "plain"])
+    assert "whole split" not in table  # no run has it: no column
+    train(tiny_cfg(data, tmp_path / "scored", max_iters=3, final_val_tokens=10**9))
+    run = read_run(tmp_path / "scored")
+    assert run.final_eval is not None and run.final_eval["iter"] == 3
+    table = compare_runs([tmp_path / "plain", tmp_path / "scored"])
+    header, _, plain_row, scored_row = table.splitlines()[:4]
+    assert header.split("|")[-2].strip() == "val, whole split"
+    assert plain_row.split("|")[-2].strip() == "–"
+    assert scored_row.split("|")[-2].strip() == f"{run.final_eval['val_loss']:.4f}"
+    for x in ("step", "tokens", "time"):
+        assert plot_runs([run], tmp_path / f"{x}.png", x=x).stat().st_size > 0

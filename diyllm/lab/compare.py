@@ -4,6 +4,7 @@
 
 The gap column is val − train loss at the last evaluation (both measured the same way, in eval mode
 over eval_iters batches): near 0 means the model generalises; a growing positive gap is overfitting.
+Runs trained with final_val_tokens get a "val, whole split" column: the last weights over the val split.
 """
 
 from __future__ import annotations
@@ -30,6 +31,7 @@ class RunSummary:
     iterations: int | None
     finished: bool
     eval_scores: dict[str, float] = field(default_factory=dict)  # last benchmark scores (eval_tasks)
+    split_val_loss: float | None = None  # final_val_tokens: the last weights over the whole val split
 
 
 def _last(xs: list) -> float | None:
@@ -67,7 +69,8 @@ def summarize(run: RunMetrics) -> RunSummary:
         iters = max(its) if its else None
     scores = {k: v for k in run.task_primary if (v := _last(run.task_scores.get(k, []))) is not None}
     return RunSummary(run.name, final_train, final_val, best_val, gap, tps, wall, run.num_params or
-                      end.get("num_params"), iters, run.finished, scores)
+                      end.get("num_params"), iters, run.finished, scores,
+                      (run.final_eval or {}).get("val_loss"))
 
 
 def _fmt(v, spec: str) -> str:
@@ -84,9 +87,10 @@ def markdown_table(summaries: list[RunSummary]) -> str:
     """A GitHub-markdown table, one row per run, best val loss marked with *; benchmark columns (last
     eval_tasks scores) when a run has them."""
     eval_keys = list(dict.fromkeys(k for s in summaries for k in s.eval_scores))
+    split = any(s.split_val_loss is not None for s in summaries)  # a column only when some run has it
     header = ("| run | params | iters | final train | final val | best val | gap val−train | tokens/s | wall s |"
-              + "".join(f" {k} |" for k in eval_keys) + "\n"
-              "|---|---:|---:|---:|---:|---:|---:|---:|---:|" + "---:|" * len(eval_keys))
+              + (" val, whole split |" if split else "") + "".join(f" {k} |" for k in eval_keys) + "\n"
+              "|---|---:|---:|---:|---:|---:|---:|---:|---:|" + "---:|" * (len(eval_keys) + split))
     bests = [s.best_val_loss for s in summaries if s.best_val_loss is not None]
     winner = min(bests) if bests else None
     rows = []
@@ -97,6 +101,7 @@ def markdown_table(summaries: list[RunSummary]) -> str:
             f"| {name} | {_fmt_params(s.num_params)} | {_fmt(s.iterations, 'd')} | {_fmt(s.final_train_loss, '.4f')}"
             f" | {_fmt(s.final_val_loss, '.4f')} | {_fmt(s.best_val_loss, '.4f')}{star} | {_fmt(s.gap, '+.4f')}"
             f" | {_fmt(s.tokens_per_sec, ',.0f')} | {_fmt(s.wall_time_s, '.1f')} |"
+            + (f" {_fmt(s.split_val_loss, '.4f')} |" if split else "")
             + "".join(f" {_fmt(s.eval_scores.get(k), '.4f')} |" for k in eval_keys)
         )
     return "\n".join([header, *rows]) + "\n"

@@ -49,6 +49,7 @@ class RunMetrics:
     config: dict = field(default_factory=dict)
     num_params: int | None = None
     end: dict | None = None  # the "end" event's summary; None while a run is unfinished
+    final_eval: dict | None = None  # final_val_tokens: the last weights over the whole val split
 
     @property
     def finished(self) -> bool:
@@ -97,7 +98,7 @@ def _add_task_scores(run: RunMetrics, ev: dict) -> None:
 
 
 def read_metrics_jsonl(path: str | Path, name: str | None = None) -> RunMetrics:
-    """Parse a metrics.jsonl file (schema: start / train / eval / end events, one JSON object a line).
+    """Parse a metrics.jsonl file (schema: start / train / eval / final_eval / end events, one JSON object a line).
 
     A torn last line (the run was killed mid-write) is ignored; a bad line elsewhere is an error
     naming the file and line.
@@ -137,6 +138,8 @@ def read_metrics_jsonl(path: str | Path, name: str | None = None) -> RunMetrics:
             run.val_bpb.append(_num(ev.get("val_bpb")))
         elif kind == "eval_tasks":
             _add_task_scores(run, ev)
+        elif kind == "final_eval":
+            run.final_eval = ev
         elif kind == "end":
             run.end = ev
             if run.num_params is None and ev.get("num_params") is not None:
