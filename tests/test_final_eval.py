@@ -114,6 +114,9 @@ def test_off_by_default_and_refused_without_a_token_split(tmp_path, capsys):
     with pytest.raises(UserError, match="final_val_tokens scores the next-token loss; this run trains with Custom"):
         train(tiny_cfg(data, tmp_path / "custom", final_val_tokens=100), objective=Custom())
     assert not (tmp_path / "custom").exists()
+    with pytest.raises(UserError, match="final_val_tokens=10 is less than one window of context_length=16"):
+        train(tiny_cfg(data, tmp_path / "short", final_val_tokens=10))
+    assert not (tmp_path / "short").exists()
     with pytest.raises(UserError, match="final_val_tokens must be >= 0"):
         tiny_cfg(data, tmp_path / "bad", final_val_tokens=-1)
 

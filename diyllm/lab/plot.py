@@ -66,10 +66,10 @@ def plot_runs(
                     ax.plot(xs, ys, color=c, lw=2.0 if is_val else 0.9, alpha=1.0 if is_val else 0.55,
                             marker="o" if is_val and len(xs) < 30 else None, ms=3, label=label)
                     drew_anything = True
-                    final = run.final_eval if m == "val_loss" else None
-                    if final and final.get({"step": "iter"}.get(x, x)) is not None:  # final_val_tokens
-                        ax.plot(final[{"step": "iter"}.get(x, x)], final["val_loss"], color=c, marker="*", ms=11,
-                                ls="none", label=f"{run.name} val, whole split")
+                    at = (run.final_eval or {}).get({"step": "iter"}.get(x, x)) if m == "val_loss" else None
+                    if at is not None:  # final_val_tokens: the last weights over the whole val split
+                        ax.plot(at, run.final_eval["val_loss"], color=c, marker="*", ms=11, ls="none",
+                                label=f"{run.name} val, whole split")
                 ax.set_ylabel(metric or "loss (nats/token)")
                 if log_y:
                     ax.set_yscale("log")

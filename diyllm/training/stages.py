@@ -176,6 +176,9 @@ class SetupStages:
                             f"{type(self.objective).__name__}, so set final_val_tokens = 0")
         final = FinalSplitEval(val, self.seq_len, self.cfg.final_val_tokens, self.cfg.batch_size, self.objective,
                                self.device, self.dtype, self.dist, None)
+        if final.num_tokens == 0:
+            raise UserError(f"final_val_tokens={self.cfg.final_val_tokens} is less than one window of "
+                            f"context_length={self.seq_len} tokens; set it to at least {self.seq_len}, or 0 for off")
         # bits per byte of exactly the scored targets (the periodic evals estimate it from a sample)
         targets = val[1 : final.num_tokens + 1]
         final.bytes_per_token = estimate_bytes_per_token(getattr(self.source, "tokenizer", None), targets,
