@@ -140,3 +140,32 @@ def test_compare_and_plot_show_the_whole_split_score(tmp_path):
     assert scored_row.split("|")[-2].strip() == f"{run.final_eval['val_loss']:.4f}"
     for x in ("step", "tokens", "time"):
         assert plot_runs([run], tmp_path / f"{x}.png", x=x).stat().st_size > 0
+
+
+def test_diyllm_eval_val_split_gives_the_trainers_final_score(tmp_path, capsys):
+    import json
+
+    from diyllm.cli import main
+
+    data = make_char_dataset(tmp_path / "data", n_chars=12_000)
+    train(tiny_cfg(data, tmp_path / "run", max_iters=4, final_val_tokens=10**9))
+    final = next(r for r in read_metrics(tmp_path / "run") if r["event"] == "final_eval")
+    capsys.readouterr()
+    assert main(["eval", "--ckpt", str(tmp_path / "run"), "--val_split", str(data), "--out",
+                 str(tmp_path / "score.json")]) == 0
+    line = capsys.readouterr().out.splitlines()[0]
+    assert f"val loss {final['val_loss']:.4f} | val bpb {final['val_bpb']:.4f} over {final['val_tokens']:,}" in line
+    saved = json.loads((tmp_path / "score.json").read_text())
+    assert saved["val_tokens"] == final["val_tokens"]
+    assert saved["val_loss"] == pytest.approx(final["val_loss"], rel=1e-6)
+    other = make_char_dataset(tmp_path / "other", n_chars=3_000)
+    from diyllm.tokenizers import CharTokenizer
+
+    CharTokenizer.train(TEXT.upper()).save(other / "tokenizer.json")  # another tokenizer beside the ids
+    for argv, message in [([], "give --tasks NAMES (benchmarks) or --val_split DIR"),
+                          (["--val_split", str(data), "--tasks", "synthetic"], "give --tasks NAMES"),
+                          (["--val_split", str(tmp_path / "nope")], "is not a prepared dataset"),
+                          (["--val_split", str(data), "--max_tokens", "5"], "less than one window"),
+                          (["--val_split", str(other)], "tokenizer is not the one")]:
+        assert main(["eval", "--ckpt", str(tmp_path / "run"), *argv]) == 2
+        assert message in capsys.readouterr().err
