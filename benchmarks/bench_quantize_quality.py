@@ -22,24 +22,20 @@ def main() -> None:
     p.add_argument("--data_dir", required=True, help="the prepared dataset the model was trained on")
     p.add_argument("--max_tokens", type=int, default=2_000_000, help="score at most this many val tokens")
     args = p.parse_args()
-    from diyllm.data.dataset import open_dataset
+    from diyllm.eval.val_split import score_val_split
     from diyllm.loading import load_model
     from diyllm.model.quantize import quantized_for
-    from diyllm.training.components import FinalSplitEval
-    from diyllm.training.distributed import DistInfo
-    from diyllm.training.objective import NextTokenLoss
 
-    cpu = torch.device("cpu")
-    model, _, _ = load_model(args.ckpt, device=cpu)
-    val = open_dataset(args.data_dir, require_val=True).split("val")
-    # the trainer's final_val_tokens scorer: consecutive windows of the context length, every token once
-    scorer = FinalSplitEval(val, model.config.context_length, args.max_tokens, 64, NextTokenLoss(), cpu,
-                            torch.float32, DistInfo(), None)
-    print(f"{args.ckpt}: {scorer.num_tokens:,} val tokens in windows of {model.config.context_length}")
+    model, tokenizer, _ = load_model(args.ckpt, device=torch.device("cpu"))
     base = None
     for name in ("none", "int8", "w8a8"):
         start = time.perf_counter()
-        loss = scorer.evaluate(model if name == "none" else quantized_for(model, name))["val_loss"]
+        # `diyllm eval --val_split`'s scorer: consecutive windows of the context length, every token once
+        score = score_val_split(model if name == "none" else quantized_for(model, name), args.data_dir, tokenizer,
+                                max_tokens=args.max_tokens, batch_size=64)
+        loss = score["val_loss"]
+        if base is None:
+            print(f"{args.ckpt}: {score['val_tokens']:,} val tokens in windows of {model.config.context_length}")
         base = loss if base is None else base
         print(f"  {name:<5} val loss {loss:.4f}  ({loss - base:+.4f} vs float32, {time.perf_counter() - start:.1f}s)")
 
