@@ -46,7 +46,7 @@ def model_and_tokens():
 def test_equals_every_window_scored_alone(model_and_tokens, max_tokens, batch):
     model, tokens = model_and_tokens
     scorer = FinalSplitEval(tokens, 24, max_tokens, batch, NextTokenLoss(), torch.device("cpu"), torch.float32,
-                            DistInfo(), bytes_per_token=2.0)
+                            DistInfo(), meta={"bytes_per_token": 2.0})
     got = scorer.evaluate(model)
     expected_tokens = min(len(tokens) - 1, max_tokens) // 24 * 24  # whole windows only; the tail is left out
     assert got["val_tokens"] == scorer.num_tokens == expected_tokens

@@ -42,9 +42,9 @@ def run(args: argparse.Namespace) -> int:
 
     if (args.tasks is None) == (args.val_split is None):
         raise UserError("give --tasks NAMES (benchmarks) or --val_split DIR (a prepared dataset's val split)")
+    check_options(args.limit, args.shots, args.batch_size)  # before the (slow) model load
     if args.val_split is not None:
         return val_split(args)
-    check_options(args.limit, args.shots, args.batch_size)  # before the (slow) model load
     parse_task_list(args.tasks)
     if args.log_samples and not args.out:
         raise UserError("--log_samples keeps per-item predictions in the results file; add --out results.json")
@@ -74,8 +74,6 @@ def val_split(args: argparse.Namespace) -> int:
     from diyllm.loading import load_model
 
     read_meta(args.val_split)  # a missing or unprepared folder: its error before the (slow) model load
-    if args.batch_size < 1:
-        raise UserError(f"--batch_size must be >= 1 (got {args.batch_size})")
     model, tokenizer, _ = load_model(args.ckpt, device=args.device)
     result = score_val_split(model, args.val_split, tokenizer, max_tokens=args.max_tokens, batch_size=args.batch_size)
     bpb = "" if result["val_bpb"] is None else f" | val bpb {result['val_bpb']:.4f}"

@@ -25,7 +25,7 @@ def score_val_split(model: nn.Module, data_dir: str | os.PathLike, tokenizer: An
     different one would make the ids mean other text, and the loss a number about nothing."""
     from diyllm.data.dataset import open_dataset, tokenizer_path
     from diyllm.training.components import FinalSplitEval
-    from diyllm.training.data_source import estimate_bytes_per_token, load_tokenizer_file
+    from diyllm.training.data_source import load_tokenizer_file
     from diyllm.training.distributed import DistInfo
     from diyllm.training.objective import NextTokenLoss
     from diyllm.training.resume import tokenizer_differences
@@ -44,13 +44,10 @@ def score_val_split(model: nn.Module, data_dir: str | os.PathLike, tokenizer: An
     context = model.config.context_length
     val = dataset.split("val")
     scorer = FinalSplitEval(val, context, max_tokens, batch_size, NextTokenLoss(), device, torch.float32,
-                            DistInfo(), None)
+                            DistInfo(), data_tokenizer or tokenizer, dataset.meta)
     if scorer.num_tokens == 0:
         raise UserError(f"--max_tokens={max_tokens} is less than one window of the model's context_length={context}"
                         f" tokens (or the val split of {data_dir} is that short)")
-    targets = val[1 : scorer.num_tokens + 1]
-    scorer.bytes_per_token = estimate_bytes_per_token(data_tokenizer or tokenizer, targets, dataset.meta,
-                                                      max_tokens=len(targets))
     return scorer.evaluate(model)
 
 

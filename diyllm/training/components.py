@@ -71,15 +71,22 @@ class FinalSplitEval:
 
     Each rank scores every world_size-th window. All ranks run the same number of batches of the same
     shape (a rank short of windows repeats one, its targets ignored), because an FSDP forward is a collective.
+    Bits per byte count the bytes of exactly the scored targets, through `tokenizer` (or meta.json's
+    "bytes_per_token"); without either there is no val_bpb.
     """
 
     def __init__(self, tokens: Any, context_length: int, max_tokens: int, batch_size: int, objective: Objective,
-                 device: torch.device, dtype: torch.dtype, dist: DistInfo, bytes_per_token: float | None):
+                 device: torch.device, dtype: torch.dtype, dist: DistInfo, tokenizer: Any = None,
+                 meta: dict | None = None):
+        from diyllm.training.data_source import estimate_bytes_per_token
+
         n = min(len(tokens) - 1, max_tokens) // context_length * context_length
         self.tokens, self.context_length, self.batch_size = tokens, context_length, batch_size
         self.objective = objective
         self.starts = np.arange(0, n, context_length)
-        self.device, self.dtype, self.dist, self.bytes_per_token = device, dtype, dist, bytes_per_token
+        self.device, self.dtype, self.dist = device, dtype, dist
+        targets = tokens[1 : n + 1]
+        self.bytes_per_token = estimate_bytes_per_token(tokenizer, targets, meta or {}, max_tokens=n) if n else None
 
     @property
     def num_tokens(self) -> int:

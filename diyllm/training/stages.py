@@ -27,7 +27,7 @@ from diyllm.sharded_checkpoints import ShardedCheckpointer
 from diyllm.training import build, resume
 from diyllm.training.checkpointer import SingleFileCheckpointer
 from diyllm.training.components import CheckpointSchedule, EarlyStopping, Evaluator, FinalSplitEval
-from diyllm.training.data_source import estimate_bytes_per_token, make_source
+from diyllm.training.data_source import make_source
 from diyllm.training.device import resolve_device, resolve_dtype
 from diyllm.training.distributed import init_distributed
 from diyllm.training.fsdp import FullyShardedParallel, enable_activation_checkpointing
@@ -175,14 +175,11 @@ class SetupStages:
             raise UserError(f"final_val_tokens scores the next-token loss; this run trains with "
                             f"{type(self.objective).__name__}, so set final_val_tokens = 0")
         final = FinalSplitEval(val, self.seq_len, self.cfg.final_val_tokens, self.cfg.batch_size, self.objective,
-                               self.device, self.dtype, self.dist, None)
+                               self.device, self.dtype, self.dist, getattr(self.source, "tokenizer", None),
+                               getattr(self.source, "meta", {}))
         if final.num_tokens == 0:
             raise UserError(f"final_val_tokens={self.cfg.final_val_tokens} is less than one window of "
                             f"context_length={self.seq_len} tokens; set it to at least {self.seq_len}, or 0 for off")
-        # bits per byte of exactly the scored targets (the periodic evals estimate it from a sample)
-        targets = val[1 : final.num_tokens + 1]
-        final.bytes_per_token = estimate_bytes_per_token(getattr(self.source, "tokenizer", None), targets,
-                                                         getattr(self.source, "meta", {}), max_tokens=len(targets))
         return final
 
     def _setup_outputs(self) -> None:
