@@ -78,15 +78,12 @@ class FinalSplitEval:
     def __init__(self, tokens: Any, context_length: int, max_tokens: int, batch_size: int, objective: Objective,
                  device: torch.device, dtype: torch.dtype, dist: DistInfo, tokenizer: Any = None,
                  meta: dict | None = None):
-        from diyllm.training.data_source import estimate_bytes_per_token
-
         n = min(len(tokens) - 1, max_tokens) // context_length * context_length
         self.tokens, self.context_length, self.batch_size = tokens, context_length, batch_size
         self.objective = objective
         self.starts = np.arange(0, n, context_length)
         self.device, self.dtype, self.dist = device, dtype, dist
-        targets = tokens[1 : n + 1]
-        self.bytes_per_token = estimate_bytes_per_token(tokenizer, targets, meta or {}, max_tokens=n) if n else None
+        self.tokenizer, self.meta = tokenizer, meta or {}
 
     @property
     def num_tokens(self) -> int:
@@ -95,6 +92,7 @@ class FinalSplitEval:
     @torch.no_grad()
     def evaluate(self, model: nn.Module) -> dict[str, float | None]:
         from diyllm.data.batch import windows_at
+        from diyllm.training.data_source import estimate_bytes_per_token
 
         was_training = model.training
         model.eval()
@@ -115,7 +113,10 @@ class FinalSplitEval:
         model.train(was_training)
         loss_sum, count = total.tolist()
         val_loss = loss_sum / count
-        bpb = val_loss / math.log(2) / self.bytes_per_token if self.bytes_per_token else None
+        # read here, not at setup: the scored targets may be a large slice of a large split
+        targets = self.tokens[1 : self.num_tokens + 1]
+        bytes_per_token = estimate_bytes_per_token(self.tokenizer, targets, self.meta, max_tokens=len(targets))
+        bpb = val_loss / math.log(2) / bytes_per_token if bytes_per_token else None
         return {"val_loss": val_loss, "val_bpb": bpb, "val_tokens": int(count)}
 
 
