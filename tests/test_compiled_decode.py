@@ -197,3 +197,38 @@ def test_models_share_a_graph_only_while_their_structure_matches(model):
     changed = generate(other, PROMPTS, 12, temperature=0, compile=True)
     assert changed == generate(other, PROMPTS, 12, temperature=0)
     assert torch._dynamo.utils.counters["stats"]["unique_graphs"] == 1  # compiled for the new structure
+
+
+@pytest.mark.skipif(compiled.compile_unavailable_reason(torch.device("cpu")) is not None,
+                    reason="no C++ compiler for inductor")
+@pytest.mark.skipif(not step_guards.CAN_SKIP_MODEL_GUARDS, reason="this torch compiles without shared steps")
+def test_shared_steps_are_bounded_and_a_dropped_one_is_freed(monkeypatch):
+    """Past MAX_SHARED_STEPS the least recently used compiled step is dropped, and with it the graphs
+    Dynamo kept for it (on its own copy of the code object); the original function's code holds none."""
+    import gc
+    import weakref
+    from collections import OrderedDict
+
+    from torch._dynamo.eval_frame import _get_total_cache_entry_count
+
+    monkeypatch.setattr(step_guards, "MAX_SHARED_STEPS", 2)
+    monkeypatch.setattr(step_guards, "_SHARED_STEPS", OrderedDict())
+
+    def add_one(x):
+        return x + 1
+
+    x = torch.ones(3)
+    steps = {k: step_guards.shared_step(add_one, ("test", k)) for k in range(2)}
+    assert all(torch.equal(step(x), x + 1) for step in steps.values())  # two tiny graphs compiled
+    copies = {k: step._torchdynamo_orig_callable for k, step in steps.items()}
+    assert copies[0] is not add_one and copies[0].__code__ is not copies[1].__code__
+    assert [_get_total_cache_entry_count(c) for c in copies.values()] == [1, 1]
+    assert _get_total_cache_entry_count(add_one) == 0
+    assert step_guards.shared_step(add_one, ("test", 0)) is steps[0]  # a hit, now the most recent
+    step_guards.shared_step(add_one, ("test", 2))  # the third key drops key 1, the least recently used
+    assert list(step_guards._SHARED_STEPS) == [("test", 0), ("test", 2)]
+    dropped = weakref.ref(copies.pop(1))
+    del steps[1]
+    gc.collect()
+    assert dropped() is None  # nothing keeps the dropped step's code (or its graphs) alive
+    assert torch.equal(steps[0](x), x + 1) and _get_total_cache_entry_count(copies[0]) == 1

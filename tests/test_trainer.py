@@ -467,3 +467,28 @@ def test_sigterm_writes_a_checkpoint_and_exits_143(tiny_data, tmp_path):
     end = read_metrics(out)[-1]
     assert end["event"] == "end" and end["stop_reason"] == "signal"
     assert ckpt["iteration"] == end["iterations"] >= 1
+
+
+def test_eval_train_false_skips_only_the_train_estimate(tiny_data, tmp_path, capsys):
+    """eval_train=false (the speedrun recipes): each evaluation draws val batches only. The train stream is
+    rewound after a train estimate anyway, so both runs take the same steps and see the same val batches:
+    every val loss and step loss is the same, and only train_loss is missing from the records and lines."""
+    from diyllm.lab.compare import summarize
+    from diyllm.lab.metrics import read_run
+    from diyllm.lab.verdict import judge
+
+    both = train(tiny_cfg(tiny_data, tmp_path / "both"))
+    capsys.readouterr()
+    val_only = train(tiny_cfg(tiny_data, tmp_path / "val_only", eval_train=False))
+    out = capsys.readouterr().out
+    ev_both, ev_val = ([r for r in read_metrics(tmp_path / d) if r["event"] == "eval"] for d in ("both", "val_only"))
+    assert [r["iter"] for r in ev_val] == [r["iter"] for r in ev_both] == [0, 5, 10]
+    assert [r["val_loss"] for r in ev_val] == [r["val_loss"] for r in ev_both]
+    assert all("train_loss" in r for r in ev_both) and not any("train_loss" in r for r in ev_val)
+    assert train_losses(tmp_path / "val_only") == train_losses(tmp_path / "both")
+    assert "eval @ 5: val loss " in out and "eval @ 5: train loss" not in out
+    assert val_only.final_train_loss == train_losses(tmp_path / "val_only")[10]  # the last step's loss instead
+    assert both.final_train_loss == ev_both[-1]["train_loss"]
+    run = read_run(tmp_path / "val_only")
+    assert summarize(run).final_val_loss == ev_val[-1]["val_loss"]
+    assert judge(run).gap is None  # no train estimate to take the overfitting gap from (and no error)

@@ -21,6 +21,8 @@ from __future__ import annotations
 
 import dataclasses
 import inspect
+import types
+from collections import OrderedDict
 from collections.abc import Callable, Sequence
 from typing import Any
 
@@ -79,14 +81,27 @@ def _rooted_at(name: str, roots: tuple[str, ...]) -> bool:
     return any(name == root or name.startswith((f"{root}.", f"{root}[")) for root in roots)
 
 
-# (batch size, signature) -> the compiled step every model of that structure shares
-_SHARED_STEPS: dict[tuple, Callable] = {}
+# (batch size, signature, ...) -> the compiled step every model of that structure shares, least recently
+# used first. Bounded: a notebook that samples at many batch sizes would otherwise keep a graph for each.
+MAX_SHARED_STEPS = 8
+_SHARED_STEPS: OrderedDict[tuple, Callable] = OrderedDict()
 
 
 def shared_step(step: Callable, key: tuple, options: dict | None = None) -> Callable:
     """The compiled `step` for models whose signature is in `key`, compiled on first use; `options` are
-    inductor's (e.g. the C++ wrapper)."""
-    if key not in _SHARED_STEPS:
-        _SHARED_STEPS[key] = torch.compile(step, dynamic=False, fullgraph=True, isolate_recompiles=True,
-                                           options={"guard_filter_fn": keep_input_guards, **(options or {})})
+    inductor's (e.g. the C++ wrapper). Past MAX_SHARED_STEPS the least recently used one is dropped.
+
+    Each key compiles its own copy of `step`'s code object: TorchDynamo keeps compiled graphs on the code
+    object they were traced from, so with one shared code object a dropped step's graphs would stay
+    reachable for the life of the process; with a copy they go when the last decoder using it does."""
+    if key in _SHARED_STEPS:
+        _SHARED_STEPS.move_to_end(key)
+        return _SHARED_STEPS[key]
+    own = types.FunctionType(step.__code__.replace(), step.__globals__, step.__name__, step.__defaults__,
+                             step.__closure__)
+    own.__kwdefaults__, own.__qualname__, own.__doc__ = step.__kwdefaults__, step.__qualname__, step.__doc__
+    _SHARED_STEPS[key] = torch.compile(own, dynamic=False, fullgraph=True, isolate_recompiles=True,
+                                       options={"guard_filter_fn": keep_input_guards, **(options or {})})
+    while len(_SHARED_STEPS) > MAX_SHARED_STEPS:
+        _SHARED_STEPS.popitem(last=False)
     return _SHARED_STEPS[key]

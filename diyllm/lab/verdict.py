@@ -91,7 +91,7 @@ def judge(run: RunMetrics, baseline: RunMetrics | None = None) -> Verdict:
             else:
                 trend = "converged"
     gap = None
-    if run.val_loss and run.eval_train_loss:
+    if run.val_loss and run.eval_train_loss and run.eval_train_loss[-1] is not None:  # None: eval_train=false
         gap = run.val_loss[-1] - run.eval_train_loss[-1]
     overfitting = bool(gap is not None and gap > OVERFIT_GAP and run.val_loss
                        and run.val_loss[-1] > min(run.val_loss) + OVERFIT_RISE)

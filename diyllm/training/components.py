@@ -23,15 +23,16 @@ from diyllm.training.objective import Objective
 
 class Evaluator:
     """Every `interval` iterations (and at the end): mean train and val loss over `iters` batches each,
-    averaged over ranks, plus val bits per byte.
+    averaged over ranks, plus val bits per byte. `train=False` skips the train estimate (half the cost;
+    the record then has no train_loss, and the step losses stand in for it).
 
     The train-split batches are drawn and then the source is rewound, so evaluating never changes the
     training batch sequence; the val split has its own stream (saved in checkpoints)."""
 
     def __init__(self, source: Any, objective: Objective, *, interval: int, iters: int, batch_size: int,
                  max_iters: int, device: torch.device, dtype: torch.dtype, dist: DistInfo,
-                 bytes_per_token: float | None):
-        self.source, self.objective = source, objective
+                 bytes_per_token: float | None, train: bool = True):
+        self.source, self.objective, self.splits = source, objective, ("train", "val") if train else ("val",)
         self.interval, self.iters, self.batch_size, self.max_iters = interval, iters, batch_size, max_iters
         self.device, self.dtype, self.dist, self.bytes_per_token = device, dtype, dist, bytes_per_token
 
@@ -45,8 +46,8 @@ class Evaluator:
         was_training = model.training
         model.eval()
         out = {}
-        snapshot = copy.deepcopy(self.source.state_dict())
-        for split in ("train", "val"):
+        snapshot = copy.deepcopy(self.source.state_dict()) if "train" in self.splits else None
+        for split in self.splits:
             losses = torch.zeros(self.iters, device=self.device)
             for k in range(self.iters):
                 batch = self.source.get_batch(split, self.batch_size, self.device)
@@ -57,7 +58,7 @@ class Evaluator:
             out[split] = all_reduce_mean(losses.mean(), self.dist).item()
         model.train(was_training)
         bpb = out["val"] / math.log(2) / self.bytes_per_token if self.bytes_per_token else None
-        return {"train_loss": out["train"], "val_loss": out["val"], "val_bpb": bpb}
+        return {**({"train_loss": out["train"]} if "train" in out else {}), "val_loss": out["val"], "val_bpb": bpb}
 
 
 class FinalSplitEval:

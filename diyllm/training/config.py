@@ -75,6 +75,7 @@ class TrainConfig(ModelFields):
     # ---- evaluation, logging, checkpoints ----
     eval_interval: int = 250  # 0: only at the end
     eval_iters: int = 50
+    eval_train: bool = True  # also estimate the train loss at each eval (eval_iters more batches); false: val only
     # at the end: the val loss over the split's first N tokens, each scored once (the whole split when it is
     # shorter); the periodic evals' eval_iters random windows are quick but scatter. 0: off
     final_val_tokens: int = 0
@@ -138,6 +139,7 @@ class TrainConfig(ModelFields):
     muon_ns_steps: int = 5  # Newton-Schulz iterations
     muon_weight_decay: float = 0.0  # decoupled, on the Muon matrices (weight_decay covers the AdamW ones)
     muon_adjust_lr: str = "original"  # original: x√max(1, rows/cols) | match_rms_adamw: x0.2√max(rows, cols) | none
+    muon_ns_dtype: str = "auto"  # Newton-Schulz: auto (bfloat16 where the hardware has it) | bfloat16 | float32
     # (the speedrun's model options qk_norm, mlp, zero_init_proj, logit_softcap are ModelFields, model/config.py)
 
     # ---------------------------------------------------------------------------------------------
@@ -186,6 +188,8 @@ class TrainConfig(ModelFields):
         need(0 <= self.muon_momentum < 1, f"muon_momentum={self.muon_momentum} must be in [0, 1)")
         need(self.muon_ns_steps >= 1, f"muon_ns_steps={self.muon_ns_steps} must be >= 1")
         need(self.muon_weight_decay >= 0, "muon_weight_decay must be >= 0")
+        need(self.muon_ns_dtype in ("auto", "bfloat16", "float32"),
+             f"muon_ns_dtype={self.muon_ns_dtype!r} must be auto, bfloat16 or float32")
         need(self.muon_adjust_lr in ("original", "match_rms_adamw", "none"),
              f"muon_adjust_lr={self.muon_adjust_lr!r} must be original, match_rms_adamw or none")
         if self.init_from.startswith("hf:"):

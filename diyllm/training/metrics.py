@@ -70,7 +70,8 @@ def format_train_line(rec: dict[str, Any], max_iters: int) -> str:
 
 
 def format_eval_line(rec: dict[str, Any]) -> str:
-    line = f"eval @ {rec['iter']}: train loss {rec['train_loss']:.4f} | val loss {rec['val_loss']:.4f}"
+    train = f"train loss {rec['train_loss']:.4f} | " if rec.get("train_loss") is not None else ""
+    line = f"eval @ {rec['iter']}: {train}val loss {rec['val_loss']:.4f}"
     if rec.get("val_bpb") is not None:
         line += f" | val bpb {rec['val_bpb']:.4f}"
     return line

@@ -7,7 +7,10 @@ import math
 from dataclasses import dataclass
 from typing import Any
 
+import torch
+
 from diyllm.checkpoints import unwrap_model
+from diyllm.training.optim import newton_schulz_dtype
 
 
 @dataclass
@@ -64,6 +67,8 @@ def header_lines(t: Any) -> list[str]:
     ]
     if getattr(t, "memory_report", None):
         lines.append(t.memory_report)
+    if cfg.optimizer == "muon":
+        lines.append(muon_line(t.optimizer, t.device))
     if cfg.parallelism == "fsdp" and not t.dist.enabled:
         lines.append("note: parallelism=fsdp on one process trains as a plain single process (nothing to shard "
                      "over); checkpoints are still sharded folders (latest/, best/) that resume on any count")
@@ -75,6 +80,17 @@ def header_lines(t: Any) -> list[str]:
     elif cfg.init_from not in ("scratch", "resume"):
         lines.append(f"initialised from {cfg.init_from} (fresh optimizer)")
     return lines
+
+
+def muon_line(optimizer: torch.optim.Optimizer, device: torch.device) -> str:
+    """What Muon runs on, and in which precision: bfloat16 on a CPU without it in hardware is 20-40x slower."""
+    groups = [g for g in optimizer.param_groups if g.get("use_muon")]
+    matrices = sum(len(g["params"]) for g in groups)
+    asked = groups[0]["ns_dtype"] if groups else None
+    dtype = str(asked or newton_schulz_dtype(device.type)).replace("torch.", "")
+    why = "muon_ns_dtype" if asked else ("auto: native here" if dtype == "bfloat16" else
+                                         f"auto: this {device.type} has no native bfloat16 matmul")
+    return f"optimizer: muon on {matrices} hidden matrices (Newton-Schulz in {dtype}, {why}), adamw on the rest"
 
 
 def initial_loss_line(loss: float, vocab_size: int) -> str:

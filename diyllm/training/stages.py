@@ -202,7 +202,8 @@ class SetupStages:
         self.flops_per_token = plain.flops_per_token(self.seq_len) if hasattr(plain, "flops_per_token") else None
         self.evaluator = Evaluator(self.source, self.objective, interval=cfg.eval_interval, iters=cfg.eval_iters,
                                    batch_size=cfg.batch_size, max_iters=cfg.max_iters, device=self.device,
-                                   dtype=self.dtype, dist=dist, bytes_per_token=self.bytes_per_token)
+                                   dtype=self.dtype, dist=dist, bytes_per_token=self.bytes_per_token,
+                                   train=cfg.eval_train)
         self.final_eval = self._build_final_eval() if cfg.final_val_tokens else None
         self.checkpoints = CheckpointSchedule(cfg.checkpoint_interval, self.state.iteration)
         self.early_stopping = EarlyStopping(cfg.patience)

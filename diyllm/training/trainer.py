@@ -223,7 +223,8 @@ class Trainer(SetupStages):
 
     # ---- evaluation and checkpoints ---------------------------------------------------------------------
     def evaluate(self) -> dict[str, float]:
-        """Mean train and val loss over eval_iters batches each (averaged over ranks), plus val bits/byte."""
+        """Mean train (unless eval_train=false) and val loss over eval_iters batches each (averaged over
+        ranks), plus val bits/byte."""
         return self.evaluator.evaluate(self.eval_model)
 
     def eval_and_track(self) -> str:
