@@ -10,16 +10,11 @@ import torch
 from test_trainer import make_char_dataset, tiny_cfg, train_losses
 
 from diyllm.errors import UserError
-from diyllm.training import optim
+from diyllm.training import newton_schulz
 from diyllm.training.checkpoint import read_checkpoint
 from diyllm.training.device import native_bf16_matmul
-from diyllm.training.optim import (
-    AdamW,
-    Muon,
-    is_hidden_matrix,
-    newton_schulz_dtype,
-    newton_schulz_orthogonalize,
-)
+from diyllm.training.newton_schulz import newton_schulz_dtype, newton_schulz_orthogonalize
+from diyllm.training.optim import AdamW, Muon, is_hidden_matrix
 
 
 @pytest.fixture(scope="module")
@@ -90,6 +85,24 @@ def test_batched_newton_schulz_equals_the_plain_one_per_matrix(shape, dtype):
                                    atol=1e-2 if dtype == torch.bfloat16 else 1e-5)
 
 
+@pytest.mark.parametrize("shape", [(6, 48, 128), (4, 200, 64), (3, 40, 64)])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+def test_newton_schulz_on_the_gram_matrix_equals_the_plain_iteration(shape, dtype):
+    """The fast path for long matrices (only r×r products in the loop) is the same polynomial, so it gives
+    the plain loop's result to rounding; the default takes it for float matrices at least 1.5x as long as
+    wide, both orientations, and keeps the plain loop otherwise (square-ish shapes, bfloat16)."""
+    g = torch.randn(shape, generator=torch.Generator().manual_seed(8), dtype=dtype)
+    g = g * torch.logspace(-2, 2, shape[0], dtype=dtype).view(-1, 1, 1)  # each matrix its own scale
+    plain = newton_schulz_orthogonalize(g, dtype=dtype, via_gram=False)
+    fast = newton_schulz_orthogonalize(g, dtype=dtype, via_gram=True)
+    torch.testing.assert_close(fast, plain, rtol=0, atol=1e-5 if dtype == torch.float32 else 1e-12)
+    long_enough = max(shape[1:]) >= 1.5 * min(shape[1:])
+    assert torch.equal(newton_schulz_orthogonalize(g, dtype=dtype), fast if long_enough else plain)
+    low = g.to(torch.bfloat16)
+    assert torch.equal(newton_schulz_orthogonalize(low, dtype=torch.bfloat16),
+                       newton_schulz_orthogonalize(low, dtype=torch.bfloat16, via_gram=False))
+
+
 def _cpu_flags() -> set[str] | None:
     try:
         with open("/proc/cpuinfo") as f:
@@ -113,7 +126,7 @@ def test_native_bf16_matmul_follows_the_cpus_own_flags():
 def test_auto_newton_schulz_precision_is_the_hardwares(native, monkeypatch):
     """ns_dtype=None (Muon's default, muon_ns_dtype=auto) takes the precision `native_bf16_matmul` says,
     in the function and in the optimizer, and a checkpoint keeps "auto" rather than this machine's pick."""
-    monkeypatch.setattr(optim, "native_bf16_matmul", lambda device_type: native)
+    monkeypatch.setattr(newton_schulz, "native_bf16_matmul", lambda device_type: native)
     want = torch.bfloat16 if native else torch.float32
     g = torch.randn(3, 48, 32, generator=torch.Generator().manual_seed(6))
     assert torch.equal(newton_schulz_orthogonalize(g), newton_schulz_orthogonalize(g, dtype=want))

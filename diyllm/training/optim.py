@@ -13,7 +13,7 @@ from collections.abc import Callable, Iterable
 
 import torch
 
-from diyllm.training.device import native_bf16_matmul
+from diyllm.training.newton_schulz import NS_COEFFICIENTS, newton_schulz_orthogonalize
 
 
 class AdamW(torch.optim.Optimizer):
@@ -140,54 +140,8 @@ def fused_kernel_fits(params: list[torch.Tensor]) -> bool:
 
 
 # ---- Muon ------------------------------------------------------------------------------------------
-# Keller Jordan's quintic Newton-Schulz coefficients (also torch.optim.Muon's defaults): chosen to make
-# the polynomial's slope at 0 as steep as possible, so 5 steps push every singular value into ~[0.7, 1.2].
-NS_COEFFICIENTS = (3.4445, -4.7750, 2.0315)
 ADJUST_LR_FNS = ("original", "match_rms_adamw", "none")
 MUON_NS_DTYPES = {"auto": None, "bfloat16": torch.bfloat16, "float32": torch.float32}  # config muon_ns_dtype
-
-
-def newton_schulz_orthogonalize(
-    g: torch.Tensor,
-    steps: int = 5,
-    coefficients: tuple[float, float, float] = NS_COEFFICIENTS,
-    eps: float = 1e-7,
-    dtype: torch.dtype | None = None,
-) -> torch.Tensor:
-    """Approximately U·Vᵀ for g = U·S·Vᵀ: the same directions with every singular value set near 1.
-
-    X ← a·X + (b·A + c·A²)·X with A = X·Xᵀ applies the odd polynomial a·s + b·s³ + c·s⁵ to each singular
-    value s. Dividing by the Frobenius norm first puts every s in [0, 1], where the polynomial pushes it
-    up towards 1. Working on the wide orientation keeps A = X·Xᵀ the small square. bfloat16 is enough
-    (the result is only a direction) and is what the reference implementations use; `dtype=None` takes it
-    where the hardware multiplies bfloat16 natively (`native_bf16_matmul`) and float32 elsewhere, since a
-    CPU without AVX-512 BF16 or AMX runs bfloat16 products 20-40x slower than float32.
-
-    g is one matrix (rows, cols) or a stack (n, rows, cols) of same-shape matrices, each orthogonalised
-    on its own (its own norm): a model's q/k/v/o then cost one batched call per step instead of one each,
-    and on small models the per-call overhead is most of Muon's time.
-    """
-    if g.dim() not in (2, 3):
-        raise ValueError(f"Newton-Schulz needs a matrix or a stack of them, got shape {tuple(g.shape)}")
-    a, b, c = coefficients
-    dtype = dtype or newton_schulz_dtype(g.device.type)
-    x = g.to(dtype) if g.dim() == 3 else g.to(dtype)[None]
-    tall = g.shape[-2] > g.shape[-1]
-    if tall:
-        x = x.mT
-    x = x / x.norm(dim=(1, 2), keepdim=True).clamp(min=eps)
-    for _ in range(steps):
-        gram = x @ x.mT
-        poly = torch.baddbmm(gram, gram, gram, beta=b, alpha=c)  # b·A + c·A²
-        x = torch.baddbmm(x, poly, x, beta=a)  # a·X + poly·X
-    x = x.mT if tall else x
-    return x if g.dim() == 3 else x[0]
-
-
-def newton_schulz_dtype(device_type: str) -> torch.dtype:
-    """Newton-Schulz's working precision when none is asked for: bfloat16 where this machine multiplies it
-    in hardware (it is 2-4x faster than float32 there), float32 elsewhere."""
-    return torch.bfloat16 if native_bf16_matmul(device_type) else torch.float32
 
 
 def muon_lr_ratio(shape: torch.Size | tuple[int, ...], adjust_lr_fn: str) -> float:

@@ -10,7 +10,7 @@ from typing import Any
 import torch
 
 from diyllm.checkpoints import unwrap_model
-from diyllm.training.optim import newton_schulz_dtype
+from diyllm.training.newton_schulz import newton_schulz_dtype
 
 
 @dataclass
