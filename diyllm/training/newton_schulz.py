@@ -69,8 +69,8 @@ def _iterate_on_gram(x: torch.Tensor, steps: int, coefficients: tuple[float, flo
     Every step multiplies X on the left by P = a·I + b·A + c·A², a polynomial in A = X·Xᵀ. So after k
     steps X_k = Q·X_0 with Q = P_k···P_1, and the next Gram matrix is P·A·Pᵀ = P²·A (P is symmetric and
     commutes with A): the loop never needs X itself. For x of shape (r, L) the plain loop costs
-    5·(4r²L + 2r³) flops, this one 4r²L + 34r³: fewer once L > 1.5·r (8 × 128 × 512 on a 2-core CPU:
-    21 ms instead of 31 ms).
+    5·(4r²L + 2r³) flops, this one 4r²L + 34r³: fewer once L > 1.5·r (benchmarks/bench_muon.py's
+    8 × 512 × 128 stack on a 2-core AVX2 CPU: 19 ms instead of 35 ms).
     """
     a, b, c = coefficients
     gram = x @ x.mT
