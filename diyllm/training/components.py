@@ -45,7 +45,7 @@ class Evaluator:
     def evaluate(self, model: nn.Module) -> dict[str, float]:
         was_training = model.training
         model.eval()
-        out = {}
+        out = {}  # split -> mean loss
         snapshot = copy.deepcopy(self.source.state_dict()) if "train" in self.splits else None
         for split in self.splits:
             losses = torch.zeros(self.iters, device=self.device)
@@ -58,7 +58,7 @@ class Evaluator:
             out[split] = all_reduce_mean(losses.mean(), self.dist).item()
         model.train(was_training)
         bpb = out["val"] / math.log(2) / self.bytes_per_token if self.bytes_per_token else None
-        return {**({"train_loss": out["train"]} if "train" in out else {}), "val_loss": out["val"], "val_bpb": bpb}
+        return {**{f"{split}_loss": loss for split, loss in out.items()}, "val_bpb": bpb}
 
 
 class FinalSplitEval:

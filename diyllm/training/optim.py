@@ -141,7 +141,6 @@ def fused_kernel_fits(params: list[torch.Tensor]) -> bool:
 
 # ---- Muon ------------------------------------------------------------------------------------------
 ADJUST_LR_FNS = ("original", "match_rms_adamw", "none")
-MUON_NS_DTYPES = {"auto": None, "bfloat16": torch.bfloat16, "float32": torch.float32}  # config muon_ns_dtype
 
 
 def muon_lr_ratio(shape: torch.Size | tuple[int, ...], adjust_lr_fn: str) -> float:
@@ -327,4 +326,5 @@ def muon_optimizer(cfg, model: torch.nn.Module, groups: list[dict]) -> Muon:
     return Muon([g for g in adamw_groups if g["params"]] + ([muon_group] if muon_group["params"] else []),
                 lr=cfg.learning_rate, momentum=cfg.muon_momentum, nesterov=cfg.muon_nesterov,
                 ns_steps=cfg.muon_ns_steps, adjust_lr_fn=cfg.muon_adjust_lr, betas=(cfg.beta1, cfg.beta2),
-                adamw_eps=cfg.eps, foreach=True, ns_dtype=MUON_NS_DTYPES[cfg.muon_ns_dtype])
+                adamw_eps=cfg.eps, foreach=True,
+                ns_dtype=None if cfg.muon_ns_dtype == "auto" else getattr(torch, cfg.muon_ns_dtype))
