@@ -477,9 +477,11 @@ def test_eval_train_false_skips_only_the_train_estimate(tiny_data, tmp_path, cap
     from diyllm.lab.metrics import read_run
     from diyllm.lab.verdict import judge
 
-    both = train(tiny_cfg(tiny_data, tmp_path / "both"))
+    # an equivalence test: a realistic-ish shape and torch's default thread count (never pinned to 1)
+    kw = dict(d_model=64, num_heads=4, d_ff=192, context_length=64, batch_size=8, num_threads=0)
+    both = train(tiny_cfg(tiny_data, tmp_path / "both", **kw))
     capsys.readouterr()
-    val_only = train(tiny_cfg(tiny_data, tmp_path / "val_only", eval_train=False))
+    val_only = train(tiny_cfg(tiny_data, tmp_path / "val_only", eval_train=False, **kw))
     out = capsys.readouterr().out
     ev_both, ev_val = ([r for r in read_metrics(tmp_path / d) if r["event"] == "eval"] for d in ("both", "val_only"))
     assert [r["iter"] for r in ev_val] == [r["iter"] for r in ev_both] == [0, 5, 10]
