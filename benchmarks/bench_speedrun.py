@@ -16,7 +16,7 @@ measured on these 2-core machines).
 
 All runs are timed from process launch (imports and data loading included) to each evaluation, one after
 the other on the same machine. Targets (issue 19):
-  * diyllm reaches val 1.886 in <= 25% of nanoGPT's wall time (shakespeare_char_speedrun: 300 steps);
+  * diyllm reaches val 1.886 in <= 25% of nanoGPT's wall time (shakespeare_char_speedrun: 180 steps);
   * within nanoGPT's wall time diyllm reaches val <= 1.50 (--long_config, default shakespeare_speedrun: a
     longer horizon with a 512-token BPE vocabulary, run as a second diyllm run).
 Every loss here is in nats per character of the same val text (the last 10% of tinyshakespeare.txt), the
