@@ -5,18 +5,21 @@
     python benchmarks/bench_train.py --compile       # also both models under torch.compile (needs a C compiler)
     NANOGPT_SRC=~/src/nanoGPT python benchmarks/bench_train.py   # also nanoGPT's GPT (model.py of a checkout)
     python benchmarks/bench_train.py --op-times --shapes small   # where a step's time goes, aten op by op
+    python benchmarks/bench_train.py --blas-too       # also diyllm on BLAS: the oneDNN fast path's gain
 
 One training step = forward + backward + global grad-norm clip at 1.0 + optimizer step + zero_grad.
 With NANOGPT_SRC (a nanoGPT checkout, never vendored) its model.py's GPT joins on the same shapes (its own
 LayerNorm/GELU block with biases, n_embd/n_layer/n_head, dropout 0) with its configure_optimizers AdamW,
 and the ratio diyllm / nanoGPT is printed too (issue 19's per-step parity target: >= 1.0x on both shapes).
 
-One training step = forward + backward + optimizer step + zero_grad(set_to_none=True), on identical
-shapes (vocab 65; d_model 128 x 4 layers x 4 heads, d_ff 344, context 64, batch 12; and d_model 384 x 6
-layers x 6 heads, d_ff 1024, context 256, batch 16), float32 on CPU, the same thread count. Each model
-uses its natural optimizer: diyllm its own AdamW (foreach, decay on matrices only), Hugging Face
-torch.optim.AdamW (foreach). Runs are interleaved (diyllm, HF, diyllm, HF, ...) and the medians compared,
-so a busy shared CPU slows both alike. The ratio printed is diyllm tokens/s over HF tokens/s.
+Shapes (identical for every contender): vocab 65; d_model 128 x 4 layers x 4 heads, d_ff 344, context 64,
+batch 12; and d_model 384 x 6 layers x 6 heads, d_ff 1024, context 256, batch 16; float32 on CPU, the same
+thread count. Each model uses its natural optimizer: diyllm its own AdamW (decay on matrices only),
+Hugging Face torch.optim.AdamW (foreach). Runs are interleaved (diyllm, HF, diyllm, HF, ...) and the
+medians compared, so a busy shared CPU slows both alike. The ratio printed is diyllm tokens/s over HF
+tokens/s. diyllm's float32 CPU matmuls go to oneDNN where model/cpu_matmul.py's rule says so (AMD Zen 5
+and later; the header line says which); --blas-too adds diyllm on the plain BLAS matmul as a contender,
+--cpu-matmul sets the process's choice.
 """
 
 from __future__ import annotations
@@ -35,8 +38,11 @@ SHAPES = {
 VOCAB = 65
 
 
-def diy_step_fn(shape: dict, compile: bool = False):
+def diy_step_fn(shape: dict, compile: bool = False, cpu_matmul: str | None = None):
+    """diyllm's step; `cpu_matmul` ("onednn" / "blas") switches model/cpu_matmul.py's choice for this
+    contender's steps only (the process's own choice is restored after each)."""
     from diyllm.model import DIYConfig, DIYForCausalLM
+    from diyllm.model.cpu_matmul import ENV_VAR, set_cpu_matmul
     from diyllm.training.optim import AdamW, clip_grad_norm_
     from diyllm.training.trainer import optimizer_groups
 
@@ -54,7 +60,15 @@ def diy_step_fn(shape: dict, compile: bool = False):
         opt.zero_grad(set_to_none=True)
         return loss
 
-    return step, sum(p.numel() for p in model.parameters())
+    def switched_step(x, y):
+        before = os.environ.get(ENV_VAR, "auto")
+        set_cpu_matmul(cpu_matmul)
+        try:
+            return step(x, y)
+        finally:
+            set_cpu_matmul(before)
+
+    return (switched_step if cpu_matmul else step), sum(p.numel() for p in model.parameters())
 
 
 def hf_step_fn(shape: dict, compile: bool = False):
@@ -137,11 +151,14 @@ def time_steps(step, x, y, n: int) -> float:
     return (time.perf_counter() - t) / n
 
 
-def bench(name: str, shape: dict, rounds: int, steps: int, compile: bool = False, op_table: bool = False) -> float:
+def bench(name: str, shape: dict, rounds: int, steps: int, compile: bool = False, op_table: bool = False,
+          blas_too: bool = False) -> float:
     torch.manual_seed(0)
     x = torch.randint(0, VOCAB, (shape["batch"], shape["context"]))
     y = torch.roll(x, -1, dims=1)
     runners = {"diyllm": diy_step_fn(shape), "hf": hf_step_fn(shape)}
+    if blas_too:  # the same model on the plain BLAS matmul, beside the process's choice
+        runners["diyllm-blas"] = diy_step_fn(shape, cpu_matmul="blas")
     if os.environ.get("NANOGPT_SRC"):
         runners["nanogpt"] = nanogpt_step_fn(shape, os.path.expanduser(os.environ["NANOGPT_SRC"]))
     if compile:
@@ -167,6 +184,8 @@ def bench(name: str, shape: dict, rounds: int, steps: int, compile: bool = False
               f"(min {1000 * min(times[k]):.1f}, max {1000 * max(times[k]):.1f})")
     ratio = med["hf"] / med["diyllm"]
     print(f"  diyllm / HF throughput: {ratio:.2f}x")
+    if "diyllm-blas" in med:
+        print(f"  diyllm / diyllm-blas throughput: {med['diyllm-blas'] / med['diyllm']:.2f}x (the cpu matmul's gain)")
     if "nanogpt" in med:
         # Each round's own ratio too: the two ran back to back, so a host that speeds up or slows down
         # between rounds (a shared machine) moves both sides of it alike.
@@ -189,6 +208,10 @@ def main() -> None:
     parser.add_argument("--compile", action="store_true", help="also time both models under torch.compile")
     parser.add_argument("--op-times", action="store_true",
                         help="also print each contender's time per aten op (a dispatch mode times every call)")
+    parser.add_argument("--cpu-matmul", choices=("auto", "onednn", "blas"), default=None,
+                        help="diyllm's CPU matmul backend (model/cpu_matmul.py; default: $DIYLLM_CPU_MATMUL or auto)")
+    parser.add_argument("--blas-too", action="store_true",
+                        help="also time diyllm on the plain BLAS matmul (the oneDNN fast path's gain, same run)")
     parser.add_argument("--default-malloc", action="store_true",
                         help="leave glibc malloc as it is (diyllm train sets keep_freed_memory on CPU)")
     args = parser.parse_args()
@@ -196,14 +219,20 @@ def main() -> None:
         torch.set_num_threads(args.threads)
     import transformers
 
+    from diyllm.model.cpu_matmul import onednn_enabled, set_cpu_matmul
+
+    if args.cpu_matmul:
+        set_cpu_matmul(args.cpu_matmul)
+
     from diyllm.training.host_malloc import keep_freed_memory
 
     # What `diyllm train` does on CPU; process-wide, so every contender in this process gets it too.
     malloc = "glibc default" if args.default_malloc else f"keep_freed_memory {keep_freed_memory()}"
     print(f"torch {torch.__version__}, transformers {transformers.__version__}, float32 CPU, "
-          f"{torch.get_num_threads()} threads, malloc: {malloc}; {args.rounds} interleaved rounds of "
+          f"{torch.get_num_threads()} threads, malloc: {malloc}, diyllm cpu matmul: "
+          f"{'onednn' if onednn_enabled() else 'blas'}; {args.rounds} interleaved rounds of "
           f"{args.steps} steps")
-    ratios = {name: bench(name, SHAPES[name], args.rounds, args.steps, args.compile, args.op_times)
+    ratios = {name: bench(name, SHAPES[name], args.rounds, args.steps, args.compile, args.op_times, args.blas_too)
               for name in args.shapes}
     print("\nsummary, diyllm / HF: " + ", ".join(f"{k} {v:.2f}x" for k, v in ratios.items()))
 

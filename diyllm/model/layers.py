@@ -1,9 +1,11 @@
 """The small building blocks of a Llama-style transformer, written with plain tensor ops.
 
 Each one has a PyTorch twin (F.linear, F.embedding, F.rms_norm, F.silu) that the tests compare it to;
-writing them out is the point: nothing here is hidden inside a library call. Two fast paths run in
-training, each checked against its plain formula by tests/test_fast_paths.py: RMSNorm's hand-written
-backward (model/fast_paths.py) and SwiGLU's gate through F.silu, which is `silu` below as one kernel.
+writing them out is the point: nothing here is hidden inside a library call. Three fast paths run in
+training, each checked against its plain formula by a test: RMSNorm's hand-written backward
+(model/fast_paths.py), SwiGLU's gate through F.silu, which is `silu` below as one kernel
+(tests/test_fast_paths.py), and on CPUs where BLAS underuses AVX-512, x Wᵀ through oneDNN
+(model/cpu_matmul.py, tests/test_cpu_matmul.py).
 """
 
 from __future__ import annotations
@@ -16,6 +18,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from diyllm.model.cpu_matmul import linear
 from diyllm.model.fast_paths import rms_norm_fast, use_fast_path
 
 
@@ -41,7 +44,7 @@ class Linear(nn.Module):
         trunc_normal_(self.weight, math.sqrt(2.0 / (self.in_features + self.out_features)))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return x @ self.weight.t()
+        return linear(x, self.weight)  # x @ self.weight.t(), through oneDNN where faster (model/cpu_matmul.py)
 
     def extra_repr(self) -> str:
         return f"in_features={self.in_features}, out_features={self.out_features}"
@@ -209,7 +212,7 @@ def fused_projection(module: nn.Module, x: torch.Tensor) -> torch.Tensor | None:
     if module.stacked_proj is not None:
         return module.stacked_proj(x)
     w = fused_weight(module)
-    return None if w is None else x @ w.t()
+    return None if w is None else linear(x, w)
 
 
 def stacked_weight(module: nn.Module) -> torch.Tensor:

@@ -30,6 +30,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from diyllm.errors import UserError
+from diyllm.model.cpu_matmul import linear
 from diyllm.model.layers import Linear
 
 # short target name -> attribute path inside one TransformerBlock
@@ -68,7 +69,7 @@ class LoRALinear(Linear):
         return (self.lora_B @ self.lora_A) * self.scale
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        y = x @ self.weight.t()
+        y = linear(x, self.weight)  # the base layer's own kernel, so a fresh adapter changes no bit
         if not self.enabled:
             return y
         h = F.dropout(x, self.lora_dropout) if (self.training and self.lora_dropout) else x

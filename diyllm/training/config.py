@@ -25,6 +25,7 @@ from typing import Any
 
 from diyllm.errors import UserError
 from diyllm.model.config import ModelFields, shape_problems
+from diyllm.training.optim import ADJUST_LR_FNS
 
 if sys.version_info >= (3, 11):
     import tomllib
@@ -190,8 +191,8 @@ class TrainConfig(ModelFields):
         need(self.muon_weight_decay >= 0, "muon_weight_decay must be >= 0")
         need(self.muon_ns_dtype in ("auto", "bfloat16", "float32"),
              f"muon_ns_dtype={self.muon_ns_dtype!r} must be auto, bfloat16 or float32")
-        need(self.muon_adjust_lr in ("original", "match_rms_adamw", "none"),
-             f"muon_adjust_lr={self.muon_adjust_lr!r} must be original, match_rms_adamw or none")
+        need(self.muon_adjust_lr in ADJUST_LR_FNS,
+             f"muon_adjust_lr={self.muon_adjust_lr!r} must be {', '.join(ADJUST_LR_FNS[:-1])} or {ADJUST_LR_FNS[-1]}")
         if self.init_from.startswith("hf:"):
             need(os.path.isdir(self.init_from[3:]),
                  f"init_from={self.init_from!r}: {self.init_from[3:]!r} is not a folder (hf:DIR names a local "

@@ -10,6 +10,7 @@ from typing import Any
 import torch
 
 from diyllm.checkpoints import unwrap_model
+from diyllm.model import cpu_matmul
 from diyllm.training.newton_schulz import newton_schulz_dtype
 
 
@@ -61,7 +62,8 @@ def header_lines(t: Any) -> list[str]:
         f"model: {t.num_params / 1e6:.2f}M parameters ({non_emb / 1e6:.2f}M without the input embedding), "
         f"vocab {t.model_config.vocab_size}, context {t.model_config.context_length}",
         f"device {t.device}, dtype {str(t.dtype).replace('torch.', '')}, compile "
-        f"{'on' if t.compiled is not None else 'off'}, processes {t.dist.world_size}",
+        f"{'on' if t.compiled is not None else 'off'}, processes {t.dist.world_size}"
+        + (f", float32 matmuls {cpu_matmul.describe()}" if t.device.type == "cpu" else ""),
         f"batch: {cfg.batch_size} seqs x {t.accum} micro-steps x {t.dist.world_size} processes = "
         f"{t.tokens_per_iter:,} tokens/iter; {cfg.max_iters} iters = {t.tokens_per_iter * cfg.max_iters:,} tokens",
     ]
