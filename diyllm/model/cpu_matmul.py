@@ -5,7 +5,7 @@ on cores that execute AVX-512 at full width (Zen 5: 512-bit FMA pipes, so AVX2 c
 oneDNN ships inside the same torch builds and picks its kernels by instruction set, not by vendor.
 Measured on a 2-core AMD EPYC Zen 5 (cpu family 26), float32, 4096 rows (one batch of
 benchmarks/bench_train.py's medium shape): x Wᵀ 186 → 395 GFLOP/s, dy W 187 → 428, dyᵀ x 178 → 260;
-a whole training step of the medium shape about 1.4x faster. With oneDNN held to AVX2
+a whole training step of the medium shape 1.57-1.60x faster (docs/training.md, Speed). With oneDNN held to AVX2
 (ONEDNN_MAX_CPU_ISA=AVX2) the two libraries are even, and the weight gradient is slower, so the gain is
 the wider vectors: where MKL already uses them (Intel), or where they are not wider (AVX2 CPUs; Zen 4
 runs AVX-512 at AVX2's width), nothing is expected and the plain path stays.
@@ -14,7 +14,7 @@ The choice is made once per process from the CPU, never from a timing, so that t
 run the same kernels (exact resume compares bits): `auto` (the default) takes oneDNN on AMD CPUs of
 family 26 and later whose torch build runs AVX-512; DIYLLM_CPU_MATMUL=onednn or =blas overrides it,
 e.g. to try oneDNN on another CPU (`python benchmarks/bench_train.py --cpu-matmul onednn` measures it).
-oneDNN and MKL round differently (both within float32's usual 1e-7 relative error of the exact product),
+oneDNN and MKL round differently (both within a few 1e-7, relative, of the float64 product),
 so a matmul's last bits depend on this choice, as they depend on the thread count.
 
 Small products stay on BLAS (below MIN_MACS oneDNN's fixed cost per call can lose), and so do products
