@@ -69,7 +69,7 @@ class LoRALinear(Linear):
         return (self.lora_B @ self.lora_A) * self.scale
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        y = linear(x, self.weight)  # the base layer's own kernel, so a fresh adapter changes no bit
+        y = linear(x, self.weight)  # the base Linear's kernel rule: a fresh adapter equals its base layer
         if not self.enabled:
             return y
         h = F.dropout(x, self.lora_dropout) if (self.training and self.lora_dropout) else x
