@@ -106,6 +106,10 @@ def test_the_path_is_taken_only_where_it_pays(backend):
     assert not use_onednn(torch.randn(2, 128, requires_grad=True), torch.randn(128, 128))  # too small to pay
     with torch.no_grad():
         assert not use_onednn(big[:8], w)  # recorded nothing: inference
+        assert use_onednn(torch.randn(1, 1, 768), torch.randn(2048, 768))  # a decoding step's wide MLP
+        assert use_onednn(torch.randn(8, 1, 768), torch.randn(2048, 768))  # ... for a batch of 8
+        assert not use_onednn(torch.randn(1, 1, 768), torch.randn(768, 768))  # even on both: BLAS
+        assert not use_onednn(torch.randn(1, 9, 768), torch.randn(2048, 768))  # a prompt: a new shape each time
     w = w.detach()
     assert not use_onednn(big.double(), w.double())  # float64 (gradcheck, references) stays exact BLAS
     with torch.autocast("cpu", dtype=torch.bfloat16):
@@ -119,6 +123,37 @@ def test_the_path_is_taken_only_where_it_pays(backend):
     assert linear(x, w).grad_fn.name() == "OneDNNLinearFunctionBackward"
     compiled = torch.compile(lambda a, b: linear(a, b), backend="eager")  # traced: the plain matmul
     assert torch.equal(compiled(big, w), big @ w.t())
+
+
+@needs_onednn
+def test_cached_greedy_decoding_gives_the_same_tokens_on_both_backends(backend):
+    """Decoding steps' large products take oneDNN, the prompt's BLAS: the same greedy tokens, and the
+    head's logits equal to float32 rounding."""
+    from diyllm.generation import generate
+    from diyllm.model import DIYConfig, DIYForCausalLM
+
+    torch.manual_seed(0)
+    model = DIYForCausalLM(DIYConfig(vocab_size=8192, context_length=128, d_model=512, num_layers=2, num_heads=8,
+                                     d_ff=1536)).eval()
+    prompt = torch.randint(0, 8192, (1, 12))
+    calls = []
+    original = cpu_matmul._onednn_mm
+    tokens = {}
+    for choice in ("blas", "onednn"):
+        backend(choice)
+        cpu_matmul._onednn_mm = lambda a, b: calls.append((a.shape[0], b.shape[0])) or original(a, b)
+        try:
+            tokens[choice] = generate(model, prompt, 16, temperature=0)
+        finally:
+            cpu_matmul._onednn_mm = original
+    assert tokens["blas"] == tokens["onednn"]
+    # One row each: the head for all 16 tokens (the prompt's forward scores its last row only) and the
+    # stacked w1|w3 (512 → 3072) of the 15 steps after the prompt, in both layers; nothing else pays.
+    assert sorted(set(calls)) == [(1, 3072), (1, 8192)]
+    assert calls.count((1, 8192)) == 16 and calls.count((1, 3072)) == 30
+    x = torch.randn(1, 1, 512)
+    with torch.no_grad():
+        assert max_rel_err(linear(x, model.lm_head.weight), x @ model.lm_head.weight.t()) < 1e-5
 
 
 def test_auto_rule_and_bad_choices(backend, monkeypatch):

@@ -17,13 +17,14 @@ e.g. to try oneDNN on another CPU (`python benchmarks/bench_train.py --cpu-matmu
 oneDNN and MKL round differently (both within a few 1e-7, relative, of the float64 product),
 so a matmul's last bits depend on this choice, as they depend on the thread count.
 
-Small products stay on BLAS (below MIN_MACS oneDNN's fixed cost per call can lose), and so do products
-with no backward to record unless they have MIN_ROWS_NO_GRAD rows: oneDNN builds a kernel for each shape
-it has not met yet (0.3–0.9 ms on that CPU, against 60–640 µs for the product itself), which training
-pays once per run and decoding would pay at every step whose length changes. So training steps and
-full-size evaluation batches take oneDNN; generation, serving and short prompts run as before. Also on
-BLAS: float64, autocast, torch.compile (inductor picks its own kernels) and sharded (DTensor) weights.
-tests/test_cpu_matmul.py checks the fast path against the plain one.
+Small products stay on BLAS (below MIN_MACS oneDNN's fixed cost per call can lose). So do products with
+no backward to record, except where their shapes repeat: oneDNN builds a kernel for each shape it has not
+met yet (0.3–0.9 ms on that CPU, against 60–640 µs for the product itself), which training pays once per
+run and prompts of ever new lengths would pay every time. So training steps, full-size evaluation
+batches and the large products of decoding steps (≤ 8 rows: 1 × 768 → 50304, GPT-2's head, 9.5 → 3.8 ms)
+take oneDNN; prompts and no-cache decoding run as before. Also on BLAS: float64, autocast, torch.compile
+(inductor picks its own kernels) and sharded (DTensor) weights. tests/test_cpu_matmul.py checks the fast
+path against the plain one.
 """
 
 from __future__ import annotations
@@ -41,6 +42,8 @@ ENV_VAR = "DIYLLM_CPU_MATMUL"
 CHOICES = ("auto", "onednn", "blas")
 MIN_MACS = 1 << 22  # rows · d_in · d_out below this: BLAS's lower call overhead can win (120 × 128 × 128 did)
 MIN_ROWS_NO_GRAD = 1024  # fewest rows for oneDNN outside a recorded backward (see use_onednn)
+MAX_DECODE_ROWS = 8  # a decoding step: one row per sequence of the batch, the same shape every step
+MIN_DECODE_MACS = 1 << 20  # 1 × 768 → 2048 (1.6M) measured 1.5x faster on oneDNN, 1 × 768 → 768 (0.6M) even
 
 
 def _onednn_mm(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
@@ -126,15 +129,19 @@ def _autocast_on() -> bool:
 
 
 def use_onednn(x: torch.Tensor, weight: torch.Tensor) -> bool:
-    """True where x Wᵀ should take oneDNN: big enough, eager, enabled, float32 on CPU, plain tensors.
+    """True where x Wᵀ should take oneDNN: a product that pays, eager, enabled, float32 on CPU, plain tensors.
 
-    Without autograd recording, only for batches of at least MIN_ROWS_NO_GRAD rows (an evaluation batch):
-    oneDNN builds a kernel for each new shape it meets, and inference meets many (no-cache decoding
-    grows by a row per token and ran at half speed on oneDNN). Ordered cheapest refusal first: decoding
-    calls this ~50 times per token, mostly for products that stay on BLAS."""
+    oneDNN builds a kernel for each new shape it meets, so products with no backward to record take it
+    only where shapes repeat: batches of at least MIN_ROWS_NO_GRAD rows (evaluation), and decoding steps
+    of at most MAX_DECODE_ROWS rows whose product is large (a wide MLP, the vocabulary head). Prompts of
+    other lengths stay on BLAS: no-cache decoding, whose length grows by a row per token, ran at half
+    speed on oneDNN. Ordered cheapest refusal first: decoding calls this ~50 times per token."""
     rows = x.numel() // max(1, x.shape[-1])
-    return (rows * x.shape[-1] * weight.shape[0] >= MIN_MACS
-            and (rows >= MIN_ROWS_NO_GRAD or (torch.is_grad_enabled() and (x.requires_grad or weight.requires_grad)))
+    macs = rows * x.shape[-1] * weight.shape[0]
+    pays = ((macs >= MIN_MACS and (rows >= MIN_ROWS_NO_GRAD
+                                   or (torch.is_grad_enabled() and (x.requires_grad or weight.requires_grad))))
+            or (rows <= MAX_DECODE_ROWS and macs >= MIN_DECODE_MACS))
+    return (pays
             and not torch.compiler.is_compiling()  # before onednn_enabled: dynamo then traces none of it
             and onednn_enabled()
             and x.dtype == torch.float32 and weight.dtype == torch.float32 and x.device.type == "cpu"
