@@ -42,7 +42,7 @@ def diy_step_fn(shape: dict, compile: bool = False, cpu_matmul: str | None = Non
     """diyllm's step; `cpu_matmul` ("onednn" / "blas") switches model/cpu_matmul.py's choice for this
     contender's steps only (the process's own choice is restored after each)."""
     from diyllm.model import DIYConfig, DIYForCausalLM
-    from diyllm.model.cpu_matmul import ENV_VAR, set_cpu_matmul
+    from diyllm.model.cpu_matmul import cpu_matmul_choice
     from diyllm.training.optim import AdamW, clip_grad_norm_
     from diyllm.training.trainer import optimizer_groups
 
@@ -61,12 +61,8 @@ def diy_step_fn(shape: dict, compile: bool = False, cpu_matmul: str | None = Non
         return loss
 
     def switched_step(x, y):
-        before = os.environ.get(ENV_VAR, "auto")
-        set_cpu_matmul(cpu_matmul)
-        try:
+        with cpu_matmul_choice(cpu_matmul):
             return step(x, y)
-        finally:
-            set_cpu_matmul(before)
 
     return (switched_step if cpu_matmul else step), sum(p.numel() for p in model.parameters())
 
@@ -219,7 +215,7 @@ def main() -> None:
         torch.set_num_threads(args.threads)
     import transformers
 
-    from diyllm.model.cpu_matmul import onednn_enabled, set_cpu_matmul
+    from diyllm.model.cpu_matmul import describe, set_cpu_matmul
 
     if args.cpu_matmul:
         set_cpu_matmul(args.cpu_matmul)
@@ -229,8 +225,8 @@ def main() -> None:
     # What `diyllm train` does on CPU; process-wide, so every contender in this process gets it too.
     malloc = "glibc default" if args.default_malloc else f"keep_freed_memory {keep_freed_memory()}"
     print(f"torch {torch.__version__}, transformers {transformers.__version__}, float32 CPU, "
-          f"{torch.get_num_threads()} threads, malloc: {malloc}, diyllm cpu matmul: "
-          f"{'onednn' if onednn_enabled() else 'blas'}; {args.rounds} interleaved rounds of "
+          f"{torch.get_num_threads()} threads, malloc: {malloc}, diyllm cpu matmul: {describe()}; "
+          f"{args.rounds} interleaved rounds of "
           f"{args.steps} steps")
     ratios = {name: bench(name, SHAPES[name], args.rounds, args.steps, args.compile, args.op_times, args.blas_too)
               for name in args.shapes}

@@ -4,6 +4,8 @@ picks it is the documented one."""
 
 from __future__ import annotations
 
+import os
+
 import pytest
 import torch
 
@@ -185,6 +187,16 @@ def test_the_run_header_names_the_choice(backend, monkeypatch):
     assert cpu_matmul.describe() == "blas"
     backend("onednn")
     assert cpu_matmul.describe() == "onednn (DIYLLM_CPU_MATMUL=onednn)"
+
+
+def test_the_choice_block_puts_the_env_var_back(backend, monkeypatch):
+    with cpu_matmul.cpu_matmul_choice("blas"):
+        assert cpu_matmul.requested() == "blas" and not cpu_matmul.onednn_enabled()
+    assert cpu_matmul.ENV_VAR not in os.environ  # unset before: unset after
+    monkeypatch.setenv(cpu_matmul.ENV_VAR, " Auto ")
+    with cpu_matmul.cpu_matmul_choice("blas"):
+        assert not cpu_matmul.onednn_enabled()
+    assert os.environ[cpu_matmul.ENV_VAR] == " Auto " and cpu_matmul.requested() == "auto"
 
 
 def test_windows_processor_string_is_read(monkeypatch):

@@ -131,21 +131,16 @@ def test_recipe_runs_are_identical_and_resume_exactly(char_data, tmp_path):
 
 
 @pytest.mark.parametrize("choice", ["onednn", "blas"])
-def test_on_each_cpu_matmul_backend(char_data, tmp_path, monkeypatch, choice):
+def test_on_each_cpu_matmul_backend(char_data, tmp_path, choice):
     """Both of model/cpu_matmul.py's kernels, whichever this CPU's `auto` picks: a host that picks the
     other one (a Zen 5 or an AVX2 machine) must resume exactly too."""
     from diyllm.model import cpu_matmul
 
     if choice == "onednn" and not cpu_matmul.onednn_available():
         pytest.skip("this torch build cannot run oneDNN's matmul")
-    monkeypatch.setenv(cpu_matmul.ENV_VAR, choice)
-    cpu_matmul.onednn_enabled.cache_clear()
-    try:
+    with cpu_matmul.cpu_matmul_choice(choice):
         assert cpu_matmul.onednn_enabled() is (choice == "onednn")
         run_full_and_resumed(char_data, tmp_path, 20, twice=True)
-    finally:
-        monkeypatch.delenv(cpu_matmul.ENV_VAR)
-        cpu_matmul.onednn_enabled.cache_clear()
 
 
 def test_with_dropout(char_data, tmp_path):

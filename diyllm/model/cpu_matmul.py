@@ -34,6 +34,8 @@ import os
 import platform
 import re
 import warnings
+from collections.abc import Iterator
+from contextlib import contextmanager
 
 import torch
 from torch import nn
@@ -85,10 +87,15 @@ def auto_prefers_onednn() -> bool:
     return vendor == "AuthenticAMD" and family >= 26 and torch.backends.cpu.get_cpu_capability().startswith("AVX512")
 
 
+def requested() -> str:
+    """What DIYLLM_CPU_MATMUL asks for, normalised ("auto" when unset; not checked against CHOICES)."""
+    return os.environ.get(ENV_VAR, "auto").strip().lower() or "auto"
+
+
 @functools.lru_cache(maxsize=1)
 def onednn_enabled() -> bool:
     """Whether this process sends large float32 CPU matmuls to oneDNN (decided once; see the module doc)."""
-    choice = os.environ.get(ENV_VAR, "auto").strip().lower() or "auto"
+    choice = requested()
     if choice not in CHOICES:
         warnings.warn(f"{ENV_VAR}={choice!r} is not one of {', '.join(CHOICES)}; using auto", stacklevel=2)
         choice = "auto"
@@ -104,7 +111,7 @@ def onednn_enabled() -> bool:
 
 def describe() -> str:
     """The choice and why, for a run's header: "onednn (auto: ...)", "blas", "blas (DIYLLM_CPU_MATMUL=blas)"."""
-    asked = os.environ.get(ENV_VAR, "auto").strip().lower() or "auto"
+    asked = requested()
     if onednn_enabled():
         why = f"{ENV_VAR}=onednn" if asked == "onednn" else "auto: an AMD Zen 5 or later with AVX-512"
         return f"onednn ({why})"
@@ -119,6 +126,21 @@ def set_cpu_matmul(choice: str) -> None:
         raise ValueError(f"cpu matmul must be one of {', '.join(CHOICES)}, not {choice!r}")
     os.environ[ENV_VAR] = choice
     onednn_enabled.cache_clear()
+
+
+@contextmanager
+def cpu_matmul_choice(choice: str) -> Iterator[None]:
+    """`set_cpu_matmul(choice)` inside the block; afterwards the env var is as it was (set or not)."""
+    before = os.environ.get(ENV_VAR)
+    set_cpu_matmul(choice)
+    try:
+        yield
+    finally:
+        if before is None:
+            os.environ.pop(ENV_VAR, None)
+        else:
+            os.environ[ENV_VAR] = before
+        onednn_enabled.cache_clear()
 
 
 def _autocast_on() -> bool:
@@ -178,5 +200,5 @@ def linear(x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
     return _onednn_mm(x.reshape(-1, x.shape[-1]), weight).view(*x.shape[:-1], weight.shape[0])
 
 
-__all__ = ["OneDNNLinearFunction", "describe", "linear", "onednn_available", "onednn_enabled", "set_cpu_matmul",
-           "use_onednn"]
+__all__ = ["OneDNNLinearFunction", "cpu_matmul_choice", "describe", "linear", "onednn_available", "onednn_enabled",
+           "requested", "set_cpu_matmul", "use_onednn"]

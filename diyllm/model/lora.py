@@ -30,7 +30,6 @@ import torch.nn.functional as F
 from torch import nn
 
 from diyllm.errors import UserError
-from diyllm.model.cpu_matmul import linear
 from diyllm.model.layers import Linear
 
 # short target name -> attribute path inside one TransformerBlock
@@ -69,7 +68,7 @@ class LoRALinear(Linear):
         return (self.lora_B @ self.lora_A) * self.scale
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        y = linear(x, self.weight)  # the base Linear's kernel rule: a fresh adapter equals its base layer
+        y = super().forward(x)  # the base Linear's own product (and kernel): a fresh adapter equals its base
         if not self.enabled:
             return y
         h = F.dropout(x, self.lora_dropout) if (self.training and self.lora_dropout) else x
