@@ -51,8 +51,11 @@ def test_fast_equals_plain_at_training_shapes(rows, d_in, d_out):
     dy64 = torch.randn(rows // 64, 64, d_out, dtype=torch.float64)
     plain = errors_against_float64(lambda x, w: x @ w.t(), x64, w64, dy64)
     fast = errors_against_float64(OneDNNLinearFunction.apply, x64, w64, dy64)
-    for name, p, f in zip(("y", "dx", "dW"), plain, fast):
-        assert f < max(4 * p, 1e-6), (name, f, p)  # as exact as the plain path, to float32 rounding
+    # As exact as float32 allows: a sum of K products rounds by about sqrt(K) float32 epsilons (y sums
+    # over d_in, dx over d_out, dW over the rows). MKL lands at 3e-7-5e-7; oneDNN on an AVX2 CPU sums in
+    # another order and lands nearer the bound (up to 1.6e-6, y at d_in 1024); a bf16 kernel would be ~4e-3.
+    for name, p, f, terms in zip(("y", "dx", "dW"), plain, fast, (d_in, d_out, rows)):
+        assert f < max(4 * p, 4 * terms**0.5 * 2.0**-24), (name, f, p)
 
 
 @needs_onednn
